@@ -1,0 +1,1 @@
+"""Pruning: layer-wise engine, masks, allocation and methods."""
