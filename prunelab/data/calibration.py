@@ -1,0 +1,105 @@
+"""Calibration windows, sampled as in SparseGPT / Wanda, cached by everything that determines them.
+
+``random.seed(seed)``; for each of ``nsamples`` windows pick random documents until one is longer
+than ``seqlen`` tokens, then a random ``seqlen`` window of it. A single-stream source (WikiText-2
+train) is treated as one long document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from prunelab.data.sources import TextSource, calibration_source
+from prunelab.data.tokens import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """The calibration set cannot be built with these settings."""
+
+
+def sample_windows(source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Return ``LongTensor[nsamples, seqlen]`` of calibration windows (SparseGPT protocol)."""
+    documents = source.documents
+    if source.name.startswith("wikitext2"):
+        documents = ["\n\n".join(source.documents)]
+    rng = random.Random(seed)
+    encoded: dict[int, list[int]] = {}
+    too_short: set[int] = set()
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            if len(too_short) == len(documents):
+                raise CalibrationError(
+                    f"no document of {source.description} is longer than calib.seqlen={seqlen} tokens; lower calib.seqlen"
+                )
+            index = rng.randint(0, len(documents) - 1)
+            if index not in encoded:
+                encoded[index] = tokenizer(documents[index]).input_ids
+            if len(encoded[index]) > seqlen:
+                break
+            too_short.add(index)
+        ids = encoded[index]
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def cache_key(source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: int) -> str:
+    """A hash of everything that determines the windows: data, tokenizer, sampling settings."""
+    data_hash = hashlib.sha256()
+    for document in source.documents:
+        data_hash.update(hashlib.sha256(document.encode()).digest())
+    spec = {
+        "version": CACHE_VERSION,
+        "source": source.name,
+        "data": data_hash.hexdigest(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def get_calibration(
+    tokenizer, calib_cfg: Mapping[str, Any], data_root: str | os.PathLike | None, cache_dir: str | os.PathLike | None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Build (or load from cache) the calibration windows and a record of how they were made."""
+    source = calibration_source(calib_cfg["source"], data_root)
+    nsamples, seqlen, seed = int(calib_cfg["nsamples"]), int(calib_cfg["seqlen"]), int(calib_cfg["seed"])
+    key = cache_key(source, tokenizer, nsamples, seqlen, seed)
+    path = Path(cache_dir).expanduser() / "calib" / f"{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        windows = torch.load(path)
+        log.info("calibration: %d x %d tokens from cache %s", nsamples, seqlen, path)
+    else:
+        windows = sample_windows(source, tokenizer, nsamples, seqlen, seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(windows, tmp)
+            os.replace(tmp, path)
+        log.info("calibration: sampled %d x %d tokens from %s", nsamples, seqlen, source.description)
+    record = {
+        "source": source.name,
+        "description": source.description,
+        "origin": source.origin,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "cache_key": key,
+        "fingerprint": hashlib.sha256(windows.to(torch.int32).numpy().tobytes()).hexdigest(),
+    }
+    return windows, record

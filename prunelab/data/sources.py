@@ -1,0 +1,170 @@
+"""Text sources for evaluation and calibration, from a local data root or the Hugging Face hub.
+
+A local data root is laid out like ``shared/data``::
+
+    wikitext/wikitext-2-raw-v1/test-00000-of-00001.parquet   # WikiText-2 raw test, one row per line
+    c4/c4-validation-2k.parquet                              # 2,000 C4 en validation documents
+
+C4 documents 0-1099 are for evaluation and 1100+ for calibration, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WIKITEXT2_TEST = Path("wikitext/wikitext-2-raw-v1/test-00000-of-00001.parquet")
+C4_VALIDATION = Path("c4/c4-validation-2k.parquet")
+C4_EVAL_DOCS = 1100  # the papers' protocol: first 1,100 validation documents
+C4_HUB_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
+C4_HUB_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+
+
+class DataUnavailableError(RuntimeError):
+    """Neither a local data root nor the hub can provide a text source."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Documents plus where they came from (recorded with every number)."""
+
+    name: str
+    documents: list[str]
+    origin: str  # local file path or hub dataset id
+    description: str
+
+
+def _local(data_root: str | os.PathLike | None, relative: Path) -> Path | None:
+    if not data_root:
+        return None
+    path = Path(data_root).expanduser() / relative
+    return path if path.is_file() else None
+
+
+def _unavailable(what: str, relative: Path, data_root: str | os.PathLike | None, err: Exception | None) -> DataUnavailableError:
+    where = f"{Path(data_root).expanduser() / relative} does not exist" if data_root else "no data root is set"
+    reason = f"; the hub failed too: {type(err).__name__}: {err}" if err else ""
+    return DataUnavailableError(
+        f"{what} is not available: {where}{reason}. Set PRUNELAB_DATA (or data_root=...) to a folder laid out "
+        f"like shared/data (it must hold {relative}), or go online so the hub can serve it."
+    )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so a missing data root fails in seconds, not retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _read_parquet_column(path: Path, column: str = "text") -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=[column]).column(column).to_pylist()
+
+
+def _hub(*args, **kwargs) -> list[str]:
+    import datasets
+
+    return list(datasets.load_dataset(*args, **kwargs)["text"])
+
+
+def check_available(name: str, data_root: str | os.PathLike | None, purpose: str = "eval") -> None:
+    """Fail fast (before a model loads) when a source has no local file and the hub is off."""
+    if purpose == "calib" and name == "wikitext2":
+        if hub_offline() or not hub_reachable():
+            raise DataUnavailableError(
+                "calib=wikitext2 needs the WikiText-2 train split from the hub, and the hub is offline or unreachable; "
+                "use calib=c4 (local C4 documents 1100+) or go online"
+            )
+        return
+    relative = WIKITEXT2_TEST if name == "wikitext2" else C4_VALIDATION
+    if _local(data_root, relative) is None and (hub_offline() or not hub_reachable()):
+        raise _unavailable(name, relative, data_root, None)
+
+
+def wikitext2_test(data_root: str | os.PathLike | None) -> TextSource:
+    """WikiText-2 raw v1 test split, one entry per line of the original file."""
+    path = _local(data_root, WIKITEXT2_TEST)
+    if path is not None:
+        return TextSource("wikitext2", _read_parquet_column(path), str(path), "WikiText-2 raw v1, test split")
+    if hub_offline():
+        raise _unavailable("WikiText-2", WIKITEXT2_TEST, data_root, None)
+    try:
+        docs = _hub("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as err:  # network, auth, missing dataset: all mean "not available"
+        raise _unavailable("WikiText-2", WIKITEXT2_TEST, data_root, err) from err
+    return TextSource("wikitext2", docs, "hub:wikitext/wikitext-2-raw-v1", "WikiText-2 raw v1, test split")
+
+
+def wikitext2_train() -> TextSource:
+    """WikiText-2 raw v1 train split (hub only), for calibration."""
+    if hub_offline():
+        raise DataUnavailableError("WikiText-2 train is hub-only and HF_HUB_OFFLINE is set; use calib=c4")
+    try:
+        docs = _hub("wikitext", "wikitext-2-raw-v1", split="train")
+    except Exception as err:
+        raise DataUnavailableError(f"WikiText-2 train could not be fetched from the hub: {err}; use calib=c4") from err
+    return TextSource("wikitext2-train", docs, "hub:wikitext/wikitext-2-raw-v1:train", "WikiText-2 raw v1, train split")
+
+
+def c4_eval(data_root: str | os.PathLike | None) -> TextSource:
+    """The first 1,100 C4 validation documents (evaluation side)."""
+    path = _local(data_root, C4_VALIDATION)
+    if path is not None:
+        docs = _read_parquet_column(path)[:C4_EVAL_DOCS]
+        return TextSource("c4", docs, str(path), "C4 en validation, 2k-document subset, documents 0-1099")
+    if hub_offline():
+        raise _unavailable("C4", C4_VALIDATION, data_root, None)
+    try:
+        docs = _hub("allenai/c4", data_files={"validation": C4_HUB_VALIDATION}, split="validation")[:C4_EVAL_DOCS]
+    except Exception as err:
+        raise _unavailable("C4", C4_VALIDATION, data_root, err) from err
+    return TextSource("c4", docs, f"hub:allenai/c4:{C4_HUB_VALIDATION}", "C4 en validation shard 0, documents 0-1099")
+
+
+def c4_calibration(data_root: str | os.PathLike | None) -> TextSource:
+    """C4 documents never used for evaluation: local subset 1100+, or the hub's train shard."""
+    path = _local(data_root, C4_VALIDATION)
+    if path is not None:
+        docs = _read_parquet_column(path)[C4_EVAL_DOCS:]
+        return TextSource("c4-calib", docs, str(path), "C4 en validation, 2k-document subset, documents 1100+")
+    if hub_offline():
+        raise _unavailable("C4", C4_VALIDATION, data_root, None)
+    try:
+        docs = _hub("allenai/c4", data_files={"train": C4_HUB_TRAIN}, split="train")
+    except Exception as err:
+        raise _unavailable("C4", C4_VALIDATION, data_root, err) from err
+    return TextSource("c4-calib", docs, f"hub:allenai/c4:{C4_HUB_TRAIN}", "C4 en train shard 0")
+
+
+def eval_source(name: str, data_root: str | os.PathLike | None) -> TextSource:
+    if name == "wikitext2":
+        return wikitext2_test(data_root)
+    if name == "c4":
+        return c4_eval(data_root)
+    raise ValueError(f"unknown text source {name!r}; allowed values: wikitext2, c4")
+
+
+def calibration_source(name: str, data_root: str | os.PathLike | None) -> TextSource:
+    if name == "c4":
+        return c4_calibration(data_root)
+    if name == "wikitext2":
+        return wikitext2_train()
+    raise ValueError(f"unknown calibration source {name!r}; allowed values: c4, wikitext2")

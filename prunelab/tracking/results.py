@@ -1,0 +1,98 @@
+"""``results.json``: what a run did and measured, written atomically and only when complete.
+
+A failed or interrupted run writes ``failed.json`` instead (with the error), so a folder that
+holds ``results.json`` always holds a complete result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+FAILED_FILE = "failed.json"
+_PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "datasets", "safetensors", "wandb", "gguf")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(folder: Path | None = None) -> dict[str, Any]:
+    """The commit and dirtiness of the prunelab checkout (None outside a git checkout)."""
+    folder = folder or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": bool(status.strip())}
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["name"] = torch.cuda.get_device_name(index)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
+    """Write the complete ``results.json`` (status "complete") and remove a stale failed.json."""
+    path = Path(run_dir) / RESULTS_FILE
+    write_json_atomic(path, {"status": "complete", **payload})
+    stale = Path(run_dir) / FAILED_FILE
+    if stale.exists():
+        stale.unlink()
+    log.info("wrote %s", path)
+    return path
+
+
+def write_failure(run_dir: Path, payload: dict[str, Any], error: BaseException) -> Path:
+    """Record a failed or interrupted run in ``failed.json``; never touches results.json."""
+    path = Path(run_dir) / FAILED_FILE
+    write_json_atomic(
+        path,
+        {
+            "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exception(error),
+            **payload,
+        },
+    )
+    return path

@@ -1,0 +1,69 @@
+"""Weights & Biases logging: offline by default (no account needed), one W&B run per job."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a/b": 1}``, keeping scalars and strings only."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+    return flat
+
+
+class WandbLogger:
+    """Thin wrapper: ``start`` → ``log_summary`` → ``finish`` (always call finish, e.g. in finally)."""
+
+    def __init__(self, logger_cfg: Mapping[str, Any]):
+        self.cfg = dict(logger_cfg)
+        self.run = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.get("name") == "wandb" and self.cfg.get("mode") != "disabled"
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, tags: list[str]) -> None:
+        if not self.enabled:
+            return
+        import wandb
+
+        self.run = wandb.init(
+            project=self.cfg.get("project", "prunelab"),
+            entity=self.cfg.get("entity"),
+            group=self.cfg.get("group"),
+            mode=self.cfg.get("mode", "offline"),
+            dir=str(run_dir),
+            name=name,
+            tags=list(tags),
+            config=config,
+            reinit="finish_previous",
+        )
+        log.info("W&B run %s (%s) in %s", self.run.id, self.cfg.get("mode"), run_dir / "wandb")
+
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        if self.run is None:
+            return
+        for key, value in flatten(metrics).items():
+            self.run.summary[key] = value
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
