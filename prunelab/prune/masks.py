@@ -1,0 +1,118 @@
+"""Keep-mask builders on a score matrix laid out ``[out_features, in_features]``.
+
+Every builder returns a boolean mask of the score's shape and device where True means "keep".
+Lower score = less important. Counts are exact: a selection at sparsity ``s`` over ``n``
+entries drops exactly ``prune_count(n, s)`` = floor(n·s) of them (ties are broken arbitrarily
+but the count never moves).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunelab.prune.pattern import Pattern
+
+# n·s within this distance below an integer counts as that integer: int(100 * 0.57) is 56 in floats.
+_COUNT_EPS = 1e-6
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Return ``sparsity`` as a float, or raise ValueError when it is not a fraction in [0, 1].
+
+    1.0 (the whole matrix) is accepted here because a global threshold can empty a module; the
+    run-level targets are checked against [0, 1) by the config and by allocation.
+    """
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity={sparsity} is out of range; use a fraction in [0, 1], e.g. 0.5")
+    return sparsity
+
+
+def prune_count(n: int, sparsity: float) -> int:
+    """How many of ``n`` entries a selection at ``sparsity`` drops: floor(n·s), robust to float rounding."""
+    return min(n, int(n * check_sparsity(sparsity) + _COUNT_EPS))
+
+
+def check_nm_width(in_features: int, pattern: Pattern) -> None:
+    """Raise ValueError when ``in_features`` cannot be cut into groups of M consecutive inputs."""
+    if pattern.is_nm and in_features % pattern.m != 0:
+        raise ValueError(
+            f"pattern={pattern} needs in_features divisible by M={pattern.m}, but this weight has "
+            f"in_features={in_features}; choose a pattern whose M divides {in_features}, or skip this "
+            f"module (prune.skip)"
+        )
+
+
+def _check_matrix(scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"expected a score matrix [out_features, in_features], got shape {tuple(scores.shape)}")
+
+
+def unstructured_per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Drop the ``floor(in·s)`` lowest scores of every output row (Wanda's comparison group)."""
+    _check_matrix(scores)
+    k = prune_count(scores.shape[1], sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        drop = torch.topk(scores, k, dim=1, largest=False).indices
+        mask.scatter_(1, drop, False)
+    return mask
+
+
+def unstructured_per_matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Drop the ``floor(numel·s)`` lowest scores of the whole matrix (magnitude pruning's threshold)."""
+    _check_matrix(scores)
+    k = prune_count(scores.numel(), sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        drop = torch.topk(scores.reshape(-1), k, largest=False).indices
+        mask[drop] = False
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """In every group of M consecutive inputs of a row, drop the N lowest scores."""
+    _check_matrix(scores)
+    if not pattern.is_nm:
+        raise ValueError(f"nm_mask needs an N:M pattern such as 2:4, got pattern={pattern}")
+    out_features, in_features = scores.shape
+    check_nm_width(in_features, pattern)
+    groups = scores.reshape(out_features, in_features // pattern.m, pattern.m)
+    drop = torch.topk(groups, pattern.n, dim=2, largest=False).indices
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(2, drop, False)
+    return mask.view(out_features, in_features)
+
+
+def build_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
+    """N:M mask when ``pattern`` is N:M (``sparsity`` is then ignored), else unstructured.
+
+    Args:
+        scores: importance ``[out, in]``, higher = keep.
+        sparsity: fraction to drop for unstructured patterns.
+        pattern: the sparsity pattern.
+        per_row: compare within each output row (True) or across the whole matrix (False).
+    """
+    if pattern.is_nm:
+        return nm_mask(scores, pattern)
+    if per_row:
+        return unstructured_per_row_mask(scores, sparsity)
+    return unstructured_per_matrix_mask(scores, sparsity)
+
+
+def nm_violations(weight: torch.Tensor, pattern: Pattern) -> int:
+    """Count the groups of M consecutive inputs that hold fewer than N zeros (0 when unstructured)."""
+    if not pattern.is_nm:
+        return 0
+    _check_matrix(weight)
+    out_features, in_features = weight.shape
+    check_nm_width(in_features, pattern)
+    zeros = (weight == 0).reshape(out_features, in_features // pattern.m, pattern.m).sum(dim=2)
+    return int((zeros < pattern.n).sum().item())
+
+
+def sparsity_of(tensor: torch.Tensor) -> float:
+    """Fraction of entries equal to zero (for a boolean keep-mask: the fraction dropped)."""
+    if tensor.numel() == 0:
+        return 0.0
+    return float((tensor == 0).sum().item()) / tensor.numel()
