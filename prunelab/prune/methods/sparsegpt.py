@@ -1,0 +1,171 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune column by column and let OBS fix the rest.
+
+With H = XᵀX the layer's input Hessian (up to scale), removing weight q of a row and moving the
+others by δw = −w_q/[H⁻¹]_qq · H⁻¹[:, q] is the least-squares optimal repair (Optimal Brain
+Surgeon). SparseGPT visits columns left to right and only repairs the columns not yet visited,
+so the inverse it needs at column i is that of H restricted to columns i.. — row i of the upper
+Cholesky factor U of H⁻¹ holds it: [H_{i:,i:}⁻¹][0, :] = U_ii · U[i, i:]. Updates inside a block
+of ``blocksize`` columns are applied at once; the block's errors reach later columns in one
+matmul ("lazy batch updates").
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from prunelab.prune.masks import check_nm_width, check_sparsity, prune_count
+from prunelab.prune.methods.base import HESSIAN, InputStats, PruneResult, PruningMethod
+from prunelab.prune.pattern import Pattern
+
+
+
+def _positive_int(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"method.params.{key}={value!r} must be a positive integer")
+    return value
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepare H: returns (upper Cholesky factor of (H + damp·I)⁻¹, mask of dead inputs).
+
+    Dead inputs (H_ii == 0, never active during calibration) get H_ii = 1 so H stays invertible;
+    the caller zeroes their weights. ``damp = percdamp · mean(diag H)``.
+    """
+    hessian = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(hessian)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += percdamp * diag.mean()
+    try:
+        lower = torch.linalg.cholesky(hessian)
+        hinv = torch.cholesky_inverse(lower)
+        upper = torch.linalg.cholesky(hinv, upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            f"sparsegpt: the damped Hessian is not positive definite with percdamp={percdamp}; "
+            "raise method.params.percdamp (e.g. 0.1) or calibrate on more tokens"
+        ) from err
+    return upper, dead
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    mask_blocksize: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` [out, in] with OBS reconstruction; returns (pruned weight, keep-mask).
+
+    Works on the weight's device in float32 and returns the weight in its own dtype.
+
+    Args:
+        weight: the Linear's weight ``[out, in]``.
+        hessian: Σ x xᵀ over calibration tokens ``[in, in]`` (any positive scale).
+        sparsity: fraction to prune for unstructured patterns; exactly floor(out·in·s) entries
+            (dead inputs' zeros count among them when they are selected). Ignored for N:M.
+        pattern: unstructured, or N:M (the N lowest of each group chosen when the loop reaches it).
+        blocksize: columns per lazy batch update; a multiple of M for N:M.
+        percdamp: damping added to diag H, as a fraction of its mean.
+        mask_blocksize: unstructured only: columns whose mask is chosen together, using the
+            weights as updated so far (None = ``blocksize``). It must divide ``blocksize`` or be a
+            multiple of it; ``in_features`` chooses one mask for the whole matrix up front.
+    """
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"hessian has shape {tuple(hessian.shape)} but the weight has in_features={in_features}; "
+            "the statistics were collected for another module"
+        )
+    mask_blocksize = blocksize if mask_blocksize is None else mask_blocksize
+    if pattern.is_nm:
+        check_nm_width(in_features, pattern)
+        if blocksize % pattern.m != 0:
+            raise ValueError(f"sparsegpt: blocksize={blocksize} must be a multiple of M={pattern.m} for pattern={pattern}")
+    else:
+        sparsity = check_sparsity(sparsity)
+        if blocksize % mask_blocksize != 0 and mask_blocksize % blocksize != 0:
+            raise ValueError(
+                f"sparsegpt: mask_blocksize={mask_blocksize} must divide blocksize={blocksize} or be a multiple of it"
+            )
+
+    device = weight.device
+    W = weight.detach().to(torch.float32).clone()
+    hinv, dead = inverse_hessian_factor(hessian.to(device), percdamp)
+    W[:, dead] = 0.0
+    hinv_diag = torch.diagonal(hinv)
+    pruned = torch.zeros_like(W, dtype=torch.bool)  # True = removed
+    numel_per_col = out_features
+
+    for i1 in range(0, in_features, blocksize):
+        i2 = min(i1 + blocksize, in_features)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if pattern.is_nm and col % pattern.m == 0:
+                group = W1[:, i : i + pattern.m] ** 2 / hinv_diag[col : col + pattern.m].unsqueeze(0) ** 2
+                drop = torch.topk(group, pattern.n, dim=1, largest=False).indices + col
+                pruned.scatter_(1, drop, True)
+            elif not pattern.is_nm and col % mask_blocksize == 0:
+                end = min(col + mask_blocksize, in_features)
+                # At a block start W is fully updated; inside a block the chunk ends within W1.
+                current = W[:, col:end] if i == 0 else W1[:, i : i + end - col]
+                scores = current**2 / hinv_diag[col:end].unsqueeze(0) ** 2
+                # Split the matrix-wide count over chunks so the total is exactly floor(numel·s).
+                k = prune_count(numel_per_col * end, sparsity) - prune_count(numel_per_col * col, sparsity)
+                if k > 0:
+                    drop = torch.topk(scores.reshape(-1), k, largest=False).indices
+                    chunk = torch.zeros(scores.numel(), dtype=torch.bool, device=device)
+                    chunk[drop] = True
+                    pruned[:, col:end] = chunk.view_as(scores)
+            w = W1[:, i]
+            q = w.masked_fill(pruned[:, col], 0.0)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    keep = ~pruned
+    W.masked_fill_(pruned, 0.0)
+    return W.to(weight.dtype), keep
+
+
+class SparseGPTPruning(PruningMethod):
+    """SparseGPT with the paper's defaults (blocksize 128, 1% damping)."""
+
+    name = "sparsegpt"
+    needs = frozenset({HESSIAN})
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, mask_blocksize: int | None = None):
+        _positive_int(blocksize, "blocksize")
+        if mask_blocksize is not None:
+            _positive_int(mask_blocksize, "mask_blocksize")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+            raise ValueError(f"method.params.percdamp={percdamp!r} must be a number >= 0 (the paper uses 0.01)")
+        super().__init__(blocksize=blocksize, percdamp=float(percdamp), mask_blocksize=mask_blocksize)
+        self.blocksize = blocksize
+        self.percdamp = float(percdamp)
+        self.mask_blocksize = mask_blocksize
+
+    @torch.no_grad()
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
+        if stats is None or stats.hessian is None:
+            raise ValueError("sparsegpt needs input statistics with a hessian; the engine must collect HESSIAN for it")
+        new_weight, mask = sparsegpt_prune(
+            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.mask_blocksize
+        )
+        return PruneResult(weight=new_weight, mask=mask)
+
+    def outlier_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """|W|·‖X‖ with ‖X_j‖² read off diag H (SparseGPT collects no sq_norm)."""
+        if stats is not None and stats.hessian is not None:
+            norms = torch.diagonal(stats.hessian).to(weight.device, torch.float32).clamp_min(0).sqrt()
+            return weight.abs().float() * norms.unsqueeze(0)
+        return super().outlier_scores(weight, stats)
