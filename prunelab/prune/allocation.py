@@ -1,0 +1,191 @@
+"""Per-decoder-layer sparsity targets: uniform, OWL, explicit ranges, and global magnitude.
+
+Pure functions: the engine gathers the scores or weights, these turn them into targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from prunelab.prune.masks import prune_count
+
+log = logging.getLogger(__name__)
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def check_sparsity(sparsity: float) -> float:
+    """A run-level target: a fraction in [0, 1)."""
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} is out of range; use a fraction in [0, 1), e.g. 0.5")
+    return sparsity
+
+
+def _check_num_layers(num_layers: int) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
+
+
+def uniform(num_layers: int, sparsity: float) -> list[float]:
+    """Every layer gets ``sparsity``."""
+    _check_num_layers(num_layers)
+    return [check_sparsity(sparsity)] * num_layers
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
+    """Fraction of one layer's scores above ``m`` × their mean, pooled over the layer's modules.
+
+    This is OWL's layer-wise outlier distribution (LOD) entry. Two passes over the tensors (sum,
+    then count) in float64 accumulators; no concatenated copy is made.
+    """
+    if not scores:
+        raise ValueError("outlier_ratio needs the scores of at least one module")
+    if m <= 0:
+        raise ValueError(f"allocation.m={m} must be positive (OWL uses 3 to 10, typically 5)")
+    total = sum(s.numel() for s in scores)
+    if total == 0:
+        raise ValueError("outlier_ratio got only empty score tensors")
+    mean = sum(s.sum(dtype=torch.float64).item() for s in scores) / total
+    threshold = m * mean
+    count = sum(int((s > threshold).sum().item()) for s in scores)
+    return count / total
+
+
+def owl(outlier_ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
+    """OWL (Yin et al. 2024): layers with more outliers are pruned less.
+
+    Ratios are min-max normalised to [0, 2·lam]; layer l gets ``sparsity − (norm_l − mean(norm))``,
+    so the targets average to ``sparsity`` and span exactly 2·lam (0 when all ratios are equal).
+
+    Raises:
+        ValueError: when a target would leave [0, 1); lower ``lam`` or move ``sparsity``.
+    """
+    sparsity = check_sparsity(sparsity)
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"allocation.lam={lam} must lie in [0, 1)")
+    if not outlier_ratios:
+        raise ValueError("owl needs one outlier ratio per decoder layer, got none")
+    ratios = torch.tensor([float(r) for r in outlier_ratios], dtype=torch.float64)
+    spread = (ratios.max() - ratios.min()).item()
+    if spread == 0.0:
+        log.warning("OWL: all %d layers have the same outlier ratio; falling back to uniform", len(ratios))
+        return [sparsity] * len(ratios)
+    norm = (ratios - ratios.min()) / spread * (2.0 * lam)
+    targets = sparsity - (norm - norm.mean())
+    if targets.min().item() < 0.0 or targets.max().item() >= 1.0:
+        raise ValueError(
+            f"OWL with sparsity={sparsity} and lam={lam} gives per-layer targets in "
+            f"[{targets.min().item():.4f}, {targets.max().item():.4f}], outside [0, 1); lower allocation.lam"
+        )
+    return targets.tolist()
+
+
+def _parse_range(key: object, num_layers: int) -> range:
+    match = _RANGE.match(str(key))
+    if not match:
+        raise ValueError(f"allocation.layers key {key!r} is not understood; use a layer index '7' or a range '0-5'")
+    start = int(match.group(1))
+    stop = int(match.group(2)) if match.group(2) is not None else start
+    if stop < start:
+        raise ValueError(f"allocation.layers key {key!r} runs backwards; write it as '{stop}-{start}'")
+    if stop >= num_layers:
+        raise ValueError(
+            f"allocation.layers key {key!r} names layer {stop}, but the model has {num_layers} layers (0-{num_layers - 1})"
+        )
+    return range(start, stop + 1)
+
+
+def explicit(layers: Mapping[str, float], num_layers: int, default: float) -> list[float]:
+    """Targets from index ranges such as ``{"0-5": 0.3, "7": 0.5, "10-29": 0.6}``; others get ``default``.
+
+    Ranges are inclusive on both ends. Raises ValueError for malformed, backwards, overlapping or
+    out-of-range keys and for values outside [0, 1).
+    """
+    _check_num_layers(num_layers)
+    targets = [check_sparsity(default)] * num_layers
+    owner: dict[int, object] = {}
+    for key, value in layers.items():
+        try:
+            value = check_sparsity(value)
+        except ValueError as err:
+            raise ValueError(f"allocation.layers[{key!r}]: {err}") from None
+        for index in _parse_range(key, num_layers):
+            if index in owner:
+                raise ValueError(f"allocation.layers keys {owner[index]!r} and {key!r} both set layer {index}")
+            owner[index] = key
+            targets[index] = value
+    return targets
+
+
+def _ordered_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """|x| as int32 whose order equals the order of the float32 values (non-negative IEEE floats)."""
+    return tensor.detach().abs().to(torch.float32).view(torch.int32)
+
+
+def _chunks(weights: Mapping[str, torch.Tensor], chunk: int):
+    for name, weight in weights.items():
+        flat = weight.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            yield name, _ordered_bits(flat[start : start + chunk])
+
+
+def global_magnitude(
+    weights: Mapping[str, torch.Tensor], sparsity: float, chunk: int = 1 << 24, progress: bool = False
+) -> dict[str, float]:
+    """Per-module sparsities from one |W| threshold over all modules (global magnitude pruning).
+
+    Exactly ``floor(total·s)`` weights fall under the threshold; ties at the threshold go to
+    modules in iteration order. Applying a per-matrix threshold at each module's returned
+    sparsity (``floor(numel·s_i)`` smallest) then reproduces the global selection.
+
+    Memory: no concatenated copy. The k-th smallest |W| is found by a radix select on the float32
+    bit pattern (two passes, a 65,536-bin histogram each), plus a counting pass. Temporaries are
+    a few int32/int64 arrays of ``chunk`` elements (default 2^24: ~200 MB), whatever the model size.
+    """
+    sparsity = check_sparsity(sparsity)
+    if not weights:
+        raise ValueError("global_magnitude needs at least one weight")
+    total = sum(w.numel() for w in weights.values())
+    k = prune_count(total, sparsity)
+    if k == 0:
+        return {name: 0.0 for name in weights}
+
+    def passes(desc: str):
+        return tqdm(_chunks(weights, chunk), desc=desc, disable=not progress, leave=False)
+
+    # Pass 1: histogram of the high 16 bits; find the bin holding the k-th smallest value.
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for _, bits in passes("global magnitude: high bits"):
+        high += torch.bincount((bits >> 16).reshape(-1), minlength=1 << 16).cpu()
+    cumulative = high.cumsum(0)
+    top = int(torch.searchsorted(cumulative, torch.tensor(k)).item())  # first bin with cumulative >= k
+    below_top = int(cumulative[top - 1].item()) if top > 0 else 0
+    # Pass 2: histogram of the low 16 bits inside that bin.
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for _, bits in passes("global magnitude: low bits"):
+        inside = bits[(bits >> 16) == top]
+        if inside.numel():
+            low += torch.bincount((inside & 0xFFFF).reshape(-1), minlength=1 << 16).cpu()
+    bottom = int(torch.searchsorted(low.cumsum(0), torch.tensor(k - below_top)).item())
+    threshold_bits = (top << 16) | bottom
+    # Pass 3: per-module counts strictly below the threshold and equal to it.
+    less: dict[str, int] = {name: 0 for name in weights}
+    equal: dict[str, int] = {name: 0 for name in weights}
+    for name, bits in passes("global magnitude: counts"):
+        less[name] += int((bits < threshold_bits).sum().item())
+        equal[name] += int((bits == threshold_bits).sum().item())
+    ties = k - sum(less.values())
+    result: dict[str, float] = {}
+    for name, weight in weights.items():
+        take = min(ties, equal[name])
+        ties -= take
+        result[name] = (less[name] + take) / weight.numel()
+    threshold = torch.tensor([threshold_bits], dtype=torch.int32).view(torch.float32).item()
+    log.info("global magnitude: |W| threshold %.6g prunes %d of %d weights", threshold, k, total)
+    return result
