@@ -1,0 +1,124 @@
+"""Latency measurement on CPU with a tiny model: structure and honesty of the result, never timing values."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunelab.config.schema import LatencyConfig
+from prunelab.eval.latency import (
+    _semi_structured_unavailable,
+    follows_two_four,
+    measure_latency,
+    semi_structured_weights,
+    summarize,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _positive_finite(stats: dict, repeats: int) -> None:
+    assert stats["runs"] == repeats and len(stats["samples"]) == repeats
+    for key in ("median", "min", "max", "q1", "q3"):
+        assert math.isfinite(stats[key]) and stats[key] > 0, key
+    assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+
+
+def test_cpu_latency_has_separate_prefill_and_decode(model) -> None:
+    cfg = LatencyConfig(batch_size=2, prefill_lengths=[8, 16], decode_tokens=4, warmup=1, repeats=3)
+    result = measure_latency(model, cfg, "cpu")
+    assert result["device"]["type"] == "cpu"
+    assert result["dtype"] == "float32" and result["torch"] == torch.__version__
+    assert result["repeats"] == 3 and result["batch_size"] == 2
+    assert set(result["prefill"]) == {"8", "16"}
+    for length in (8, 16):
+        entry = result["prefill"][str(length)]
+        assert entry["tokens"] == 2 * length
+        _positive_finite(entry["seconds"], 3)
+        assert entry["tokens_per_s"]["median"] == pytest.approx(2 * length / entry["seconds"]["median"])
+    decode = result["decode"]
+    assert decode["new_tokens"] == 4 and decode["prompt_len"] == 8 and decode["greedy"]
+    assert decode["mode"] == "eager, dynamic KV cache" and not decode["compiled"]
+    _positive_finite(decode["ms_per_token"], 3)
+    _positive_finite(decode["prefill_ms_in_generate"], 3)
+    assert result["kernels"]["used"] == "dense" and not result["kernels"]["requested"]
+    assert result["notes"] == []
+    assert model.training is False
+
+
+def test_sparse_kernels_on_cpu_fall_back_loudly(model, caplog: pytest.LogCaptureFixture) -> None:
+    before = {name: p for name, p in model.named_parameters()}
+    cfg = LatencyConfig(prefill_lengths=[8], decode_tokens=2, warmup=0, repeats=1, sparse_kernels=True, compile=True)
+    with caplog.at_level(logging.WARNING):
+        result = measure_latency(model, cfg)
+    kernels = result["kernels"]
+    assert kernels["requested"] and kernels["used"] == "dense" and kernels["swapped"] == 0
+    assert "CUDA" in kernels["reason"]
+    assert any("fell back to dense kernels" in note for note in result["notes"])
+    assert any("compile=true needs CUDA" in note for note in result["notes"])
+    assert "DENSE kernels are used" in caplog.text
+    assert {name: p for name, p in model.named_parameters()} == before  # weights untouched
+
+
+def test_semi_structured_needs_half_precision() -> None:
+    assert "float16 or bfloat16" in _semi_structured_unavailable(torch.device("cuda"), torch.float32)
+    assert "CUDA" in _semi_structured_unavailable(torch.device("cpu"), torch.float16)
+
+
+def test_semi_structured_context_restores_weights(model) -> None:
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with semi_structured_weights(model, True, torch.device("cpu")) as report:
+        assert report["used"] == "dense"
+    assert [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] == weights
+
+
+def _naive_two_four(weight: torch.Tensor) -> bool:
+    rows, cols = weight.shape
+    if cols % 4:
+        return False
+    for r, g in itertools.product(range(rows), range(cols // 4)):
+        if sum(1 for c in range(4 * g, 4 * g + 4) if weight[r, c].item() != 0) > 2:
+            return False
+    return True
+
+
+def test_two_four_check_matches_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    planted = torch.randn(6, 16, generator=gen)
+    keep = torch.rand(6, 4, 4, generator=gen).argsort(dim=-1) < 2  # 2 of every 4 kept
+    planted = planted * keep.reshape(6, 16)
+    broken = planted.clone()
+    broken[3, 8:12] = 1.0  # one group with 4 non-zeros
+    cases = [planted, broken, torch.randn(4, 8, generator=gen), torch.zeros(2, 8), torch.zeros(2, 6)]
+    for weight in cases:
+        assert follows_two_four(weight) == _naive_two_four(weight)
+    assert follows_two_four(planted) and not follows_two_four(broken)
+
+
+def test_summarize_matches_statistics() -> None:
+    stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats["median"], stats["min"], stats["max"], stats["q1"], stats["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
+
+
+@pytest.mark.parametrize("field,value", [("decode_tokens", 1), ("repeats", 0), ("prefill_lengths", []),
+                                         ("batch_size", 0)])
+def test_bad_config_is_rejected(model, field: str, value) -> None:
+    cfg = LatencyConfig(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        measure_latency(model, cfg)
+
+
+def test_wrong_device_is_rejected(model) -> None:
+    with pytest.raises(ValueError, match="move it first"):
+        measure_latency(model, LatencyConfig(), device="meta")
