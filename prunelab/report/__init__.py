@@ -1,0 +1,243 @@
+"""Sweep reports: collect every run's ``results.json`` under a folder, write tables, plots and the list of
+runs that did not finish.
+
+``python -m prunelab.report <sweep folder> [--metric ppl|ppl:<dataset>|zeroshot] [--out DIR]``
+
+A run folder is *complete* when its ``results.json`` says ``"status": "complete"``. A Hydra job folder
+(one holding ``.hydra/``) without such a file is *incomplete*: failed (``failed.json``), unfinished, or
+unreadable; every one is named in the log and in the Markdown report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+FAILED_FILE = "failed.json"
+COMPLETE = "complete"
+
+
+@dataclass
+class Run:
+    """One finished run, read from its ``results.json``."""
+
+    name: str  # folder relative to the sweep folder
+    results: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.results.get("config") or {}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.results.get("metrics") or {}
+
+    @property
+    def model(self) -> str:
+        return str((self.config.get("model") or {}).get("name", "?"))
+
+    @property
+    def method(self) -> str:
+        return str((self.config.get("method") or {}).get("name", "?"))
+
+    @property
+    def allocation(self) -> str:
+        return str((self.config.get("allocation") or {}).get("name", "uniform"))
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.config.get("sparsity", 0.0))
+
+    @property
+    def pattern(self) -> str:
+        return str(self.config.get("pattern", "unstructured"))
+
+    @property
+    def eval_name(self) -> str:
+        return str((self.config.get("eval") or {}).get("name", "?"))
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def perplexity(self) -> dict[str, dict[str, Any]]:
+        return self.metrics.get("perplexity") or {}
+
+    def ppl(self, dataset: str) -> float | None:
+        entry = self.perplexity.get(dataset)
+        return None if not entry or entry.get("ppl") is None else float(entry["ppl"])
+
+    @property
+    def zeroshot_tasks(self) -> dict[str, dict[str, float]]:
+        return (self.metrics.get("zeroshot") or {}).get("tasks") or {}
+
+    def task_acc(self, task: str, key: str = "acc") -> float | None:
+        value = self.zeroshot_tasks.get(task, {}).get(key)
+        return None if value is None else float(value)
+
+    def mean_acc(self, key: str = "acc") -> float | None:
+        """Mean over tasks of ``key``; the recorded ``mean_acc`` when no per-task values exist."""
+        values = [v[key] for v in self.zeroshot_tasks.values() if v.get(key) is not None]
+        if values:
+            return statistics.fmean(float(v) for v in values)
+        recorded = (self.metrics.get("zeroshot") or {}).get("mean_acc")
+        return None if recorded is None or key != "acc" else float(recorded)
+
+    @property
+    def layer_sparsity(self) -> dict[int, float]:
+        per_layer = (self.metrics.get("sparsity") or {}).get("per_layer") or {}
+        return {int(k): float(v) for k, v in sorted(per_layer.items(), key=lambda kv: int(kv[0]))}
+
+
+@dataclass
+class IncompleteRun:
+    """A job folder without a complete ``results.json``."""
+
+    name: str
+    reason: str
+    overrides: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        extra = f" [{' '.join(self.overrides)}]" if self.overrides else ""
+        return f"{self.name}: {self.reason}{extra}"
+
+
+def _relative(path: Path, root: Path) -> str:
+    rel = os.path.relpath(path, root)
+    return "." if rel == "." else rel.replace(os.sep, "/")
+
+
+def _overrides(folder: Path) -> list[str]:
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        from omegaconf import OmegaConf
+
+        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path)) or []]
+    except Exception:  # a report must not die on one bad file
+        return []
+
+
+def _failure_reason(folder: Path) -> str:
+    try:
+        info = json.loads((folder / FAILED_FILE).read_text())
+    except (OSError, ValueError):
+        return f"failed ({FAILED_FILE} unreadable)"
+    message = ""
+    if isinstance(info, dict):
+        for key in ("error", "exception", "message", "reason"):
+            if info.get(key):
+                message = str(info[key]).strip().splitlines()[-1][:200]
+                break
+    return f"failed: {message}" if message else "failed"
+
+
+def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteRun]]:
+    """Read every ``results.json`` under ``folder`` and find job folders that did not complete.
+
+    Returns:
+        ``(complete runs, incomplete runs)``, both sorted by folder name.
+
+    Raises:
+        FileNotFoundError: when ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder {str(folder)!r} does not exist or is not a directory")
+    runs: list[Run] = []
+    incomplete: dict[Path, IncompleteRun] = {}
+    candidates = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    candidates |= {p.parent for p in root.rglob(RESULTS_FILE)} | {p.parent for p in root.rglob(FAILED_FILE)}
+    for run_dir in sorted(candidates):
+        name = _relative(run_dir, root)
+        results_path = run_dir / RESULTS_FILE
+        reason = None
+        if results_path.is_file():
+            try:
+                results = json.loads(results_path.read_text())
+            except (OSError, ValueError) as err:
+                reason = f"{RESULTS_FILE} unreadable ({err})"
+            else:
+                status = results.get("status") if isinstance(results, dict) else None
+                if status == COMPLETE:
+                    runs.append(Run(name=name, results=results))
+                    continue
+                reason = f"status={status!r} in {RESULTS_FILE}"
+                if (run_dir / FAILED_FILE).is_file():
+                    reason = _failure_reason(run_dir)
+        elif (run_dir / FAILED_FILE).is_file():
+            reason = _failure_reason(run_dir)
+        else:
+            reason = f"no {RESULTS_FILE} (unfinished or killed)"
+        incomplete[run_dir] = IncompleteRun(name=name, reason=reason, overrides=_overrides(run_dir))
+    for item in incomplete.values():
+        log.warning("incomplete run %s", item.describe())
+    log.info("%s: %d complete runs, %d incomplete", root, len(runs), len(incomplete))
+    return runs, list(incomplete.values())
+
+
+def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None, metrics: list[str] | None = None,
+                 acc_key: str = "acc", plots: bool = True) -> dict[str, Any]:
+    """Write ``report.md``, ``tables.tex`` and PNG plots for the sweep in ``folder``.
+
+    Args:
+        folder: a sweep (Hydra multirun) folder or any folder holding run folders.
+        out: where to write; default ``<folder>/report``.
+        metrics: any of ``ppl`` (all datasets), ``ppl:<dataset>``, ``zeroshot``; default: all available.
+        acc_key: zero-shot metric per task (``acc`` or ``acc_norm``).
+        plots: write PNG plots.
+
+    Returns:
+        ``{"markdown", "latex", "plots": [...], "runs", "incomplete": [names]}``.
+    """
+    from prunelab.report import tables as tab
+
+    metrics = metrics or ["ppl", "zeroshot"]
+    for metric in metrics:
+        if metric not in ("ppl", "zeroshot") and not metric.startswith("ppl:"):
+            raise ValueError(f"--metric {metric!r} is not known; use ppl, ppl:<dataset> (e.g. ppl:wikitext2) or zeroshot")
+    root = Path(folder)
+    out_dir = Path(out) if out is not None else root / "report"
+    runs, incomplete = collect_runs(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tables: list[tab.Table] = []
+    datasets = [m.split(":", 1)[1] for m in metrics if m.startswith("ppl:")]
+    if "ppl" in metrics:
+        tables += tab.perplexity_tables(runs)
+    elif datasets:
+        tables += tab.perplexity_tables(runs, datasets)
+    if "zeroshot" in metrics:
+        tables += tab.zeroshot_tables(runs, acc_key)
+
+    plot_files: list[Path] = []
+    if plots and runs:
+        from prunelab.report import plots as plot
+
+        plot_files = plot.write_plots(runs, out_dir, datasets or None)
+
+    md = [f"# Sweep report: `{root}`", "",
+          f"{len(runs)} complete runs, {len(incomplete)} incomplete.", ""]
+    md += [tab.to_markdown(t) for t in tables] or ["_No complete run holds the requested metrics._\n"]
+    md += ["## Incomplete runs", ""]
+    md += [f"- `{item.name}` — {item.reason}" + (f" (`{' '.join(item.overrides)}`)" if item.overrides else "")
+           for item in incomplete] or ["None."]
+    if plot_files:
+        md += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plot_files]
+    markdown_path = out_dir / "report.md"
+    markdown_path.write_text("\n".join(md) + "\n")
+    latex_path = out_dir / "tables.tex"
+    latex_path.write_text("% needs \\usepackage{booktabs}\n" + "\n".join(tab.to_latex(t) for t in tables))
+    log.info("wrote %s, %s and %d plots", markdown_path, latex_path, len(plot_files))
+    return {"markdown": markdown_path, "latex": latex_path, "plots": plot_files, "runs": len(runs),
+            "incomplete": [item.name for item in incomplete]}

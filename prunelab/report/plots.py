@@ -1,0 +1,119 @@
+"""PNG plots of a sweep: perplexity vs sparsity per method, and per-layer achieved sparsity of each run."""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from prunelab.report.tables import row_sort_key, col_label, row_label  # noqa: E402
+
+if TYPE_CHECKING:
+    from prunelab.report import Run
+
+log = logging.getLogger(__name__)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def plot_ppl_vs_sparsity(runs: list["Run"], dataset: str, title: str, path: Path) -> Path | None:
+    """Lines: unstructured runs of each method (+ allocation); markers: N:M runs; dashed line: dense.
+
+    Runs that share a point (seeds) are averaged. Returns None when no run has this dataset.
+    """
+    lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    nm_points: dict[tuple[str, str], list[float]] = defaultdict(list)
+    dense: list[float] = []
+    for run in runs:
+        ppl = run.ppl(dataset)
+        if ppl is None:
+            continue
+        if run.method == "dense":
+            dense.append(ppl)
+        elif run.pattern not in ("", "unstructured"):
+            nm_points[(row_label(run), run.pattern)].append(ppl)
+        else:
+            lines[row_label(run)][100 * run.sparsity].append(ppl)
+    if not (lines or nm_points or dense):
+        return None
+    methods = sorted(set(lines) | {label for label, _ in nm_points}, key=row_sort_key)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {label: palette[i % len(palette)] for i, label in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in sorted(lines, key=row_sort_key):
+        xs = sorted(lines[label])
+        ax.plot(xs, [statistics.fmean(lines[label][x]) for x in xs], marker="o", color=color[label], label=label)
+    for (label, pattern), values in sorted(nm_points.items()):
+        n, m = (int(x) for x in pattern.split(":"))
+        ax.scatter([100 * n / m], [statistics.fmean(values)], marker="s", s=50, color=color[label],
+                   edgecolors="black", label=f"{label} {pattern}", zorder=3)
+    if dense:
+        ax.axhline(statistics.fmean(dense), color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel(f"perplexity ({dataset})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_sparsity(runs: list["Run"], title: str, path: Path) -> Path | None:
+    """One line per run: achieved sparsity of each decoder layer. None when no run recorded it."""
+    runs = [run for run in runs if run.layer_sparsity]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in sorted(runs, key=lambda r: (row_sort_key(row_label(r)), col_label(r), r.name)):
+        layers = run.layer_sparsity
+        ax.plot(list(layers), [100 * v for v in layers.values()], marker=".",
+                label=f"{row_label(run)} @ {col_label(run)} ({run.name})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("achieved sparsity (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(runs) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(runs: list["Run"], out_dir: Path, datasets: list[str] | None = None) -> list[Path]:
+    """All plots of a sweep, per model: ``ppl_<dataset>_<model>.png`` and ``layer_sparsity_<model>.png``."""
+    by_model: dict[str, list["Run"]] = defaultdict(list)
+    for run in runs:
+        by_model[run.model].append(run)
+    written = []
+    for model, group in sorted(by_model.items()):
+        names = datasets or sorted({d for run in group for d in run.perplexity})
+        for dataset in names:
+            by_eval: dict[str, list["Run"]] = defaultdict(list)
+            for run in group:
+                by_eval[run.eval_name].append(run)
+            for eval_name, subset in sorted(by_eval.items()):
+                suffix = f"_{eval_name}" if len(by_eval) > 1 else ""
+                path = out_dir / f"ppl_{_slug(dataset)}_{_slug(model)}{_slug(suffix)}.png"
+                done = plot_ppl_vs_sparsity(subset, dataset, f"{model}: perplexity vs sparsity (eval={eval_name})", path)
+                if done:
+                    written.append(done)
+        done = plot_layer_sparsity(group, f"{model}: per-layer achieved sparsity", out_dir / f"layer_sparsity_{_slug(model)}.png")
+        if done:
+            written.append(done)
+    log.info("wrote %d plots into %s", len(written), out_dir)
+    return written

@@ -1,0 +1,215 @@
+"""Tables in the papers' layout: rows = method (+ allocation), columns = sparsity / pattern.
+
+A :class:`Table` holds formatted cells; :func:`to_markdown` and :func:`to_latex` render it. The builders
+take :class:`~prunelab.report.Run` records and aggregate runs that land in the same cell (seeds) as
+mean ± standard deviation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+    from prunelab.report import Run
+
+log = logging.getLogger(__name__)
+
+METHOD_ORDER = ("dense", "random", "magnitude", "sparsegpt", "wanda")
+DENSE_COLUMN = "0% (dense)"
+
+
+@dataclass
+class Table:
+    """A formatted table: ``cells[row][col]`` is the text of a cell ("–" where no run exists)."""
+
+    title: str
+    corner: str
+    rows: list[str]
+    cols: list[str]
+    cells: dict[str, dict[str, str]]
+    notes: list[str] = field(default_factory=list)
+    key: str = ""  # short id used for file names
+
+    def cell(self, row: str, col: str) -> str:
+        return self.cells.get(row, {}).get(col, "–")
+
+
+# ------------------------------------------------------------------------------------------ row / column
+def row_label(run: "Run") -> str:
+    """Method name, plus the allocation when it is not uniform (e.g. ``wanda + owl``)."""
+    if run.method == "dense" or run.allocation in (None, "", "uniform"):
+        return run.method
+    return f"{run.method} + {run.allocation}"
+
+
+def format_sparsity(sparsity: float) -> str:
+    return f"{round(100 * float(sparsity), 4):g}%"
+
+
+def col_label(run: "Run") -> str:
+    """``0% (dense)`` for the dense model, ``2:4`` for N:M, else the target sparsity in percent."""
+    if run.method == "dense":
+        return DENSE_COLUMN
+    if run.pattern not in (None, "", "unstructured"):
+        return str(run.pattern)
+    return format_sparsity(run.sparsity)
+
+
+def row_sort_key(label: str) -> tuple:
+    method = label.split(" + ")[0]
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, method, " + " in label, label)
+
+
+def col_sort_key(label: str) -> tuple:
+    if label == DENSE_COLUMN:
+        return (0, 0.0, 0)
+    if label.endswith("%"):
+        return (1, float(label[:-1]), 0)
+    n, m = (int(x) for x in label.split(":"))
+    return (2, n / m, m)
+
+
+# ------------------------------------------------------------------------------------------------ values
+def format_value(value: float, kind: str) -> str:
+    """Perplexity with 2 decimals (scientific above 10^4), accuracy in percent with 2 decimals."""
+    if kind == "acc":
+        return f"{100 * value:.2f}"
+    return f"{value:.1e}" if abs(value) >= 1e4 else f"{value:.2f}"
+
+
+def _aggregate(values: list[float], kind: str) -> str:
+    text = format_value(statistics.fmean(values), kind)
+    if len(values) > 1:
+        spread = statistics.stdev(values)
+        text += f" ± {format_value(spread, kind)} (n={len(values)})"
+    return text
+
+
+def build_table(runs: Iterable["Run"], value: Callable[["Run"], float | None], kind: str, title: str,
+                corner: str, key: str) -> Table | None:
+    """Place ``value(run)`` of every run in its (method, sparsity) cell; None when no run has a value."""
+    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        v = value(run)
+        if v is not None:
+            grouped[(row_label(run), col_label(run))].append(float(v))
+    if not grouped:
+        return None
+    rows = sorted({r for r, _ in grouped}, key=row_sort_key)
+    cols = sorted({c for _, c in grouped}, key=col_sort_key)
+    cells: dict[str, dict[str, str]] = defaultdict(dict)
+    for (row, col), values in grouped.items():
+        cells[row][col] = _aggregate(values, kind)
+    return Table(title=title, corner=corner, rows=rows, cols=cols, cells=dict(cells), key=key)
+
+
+def _protocol_notes(runs: list["Run"], dataset: str) -> list[str]:
+    """Describe the perplexity protocol of a table; flag runs whose protocols differ."""
+    protocols = defaultdict(list)
+    for run in runs:
+        entry = run.perplexity.get(dataset)
+        if entry:
+            protocols[(entry.get("seqlen"), entry.get("windows"), entry.get("fingerprint"))].append(run.name)
+    notes = []
+    for (seqlen, windows, fingerprint), names in protocols.items():
+        fp = f", token stream {str(fingerprint)[:19]}" if fingerprint else ""
+        notes.append(f"seqlen {seqlen}, {windows} windows{fp}" + (f" ({len(names)} runs)" if len(protocols) > 1 else ""))
+    if len(protocols) > 1:
+        notes.insert(0, "WARNING: runs in this table used different perplexity protocols; numbers are not comparable")
+        log.warning("perplexity on %s: %d different protocols in one table (%s)", dataset, len(protocols), notes[1:])
+    return notes
+
+
+def perplexity_tables(runs: list["Run"], datasets: list[str] | None = None) -> list[Table]:
+    """One table per (model, eval preset, dataset)."""
+    tables = []
+    for (model, eval_name), group in _by_model_and_eval(runs).items():
+        names = sorted({d for run in group for d in run.perplexity}) if datasets is None else datasets
+        for dataset in names:
+            table = build_table(group, lambda run, d=dataset: run.ppl(d), "ppl",
+                                title=f"Perplexity ({dataset}) — {model}, eval={eval_name}",
+                                corner="method", key=f"ppl_{dataset}_{model}_{eval_name}")
+            if table is not None:
+                table.notes = _protocol_notes(group, dataset)
+                tables.append(table)
+    return tables
+
+
+def zeroshot_tables(runs: list["Run"], acc_key: str = "acc") -> list[Table]:
+    """Per (model, eval preset): mean accuracy in the sweep layout, and a per-task table."""
+    tables = []
+    for (model, eval_name), group in _by_model_and_eval(runs).items():
+        mean = build_table(group, lambda run: run.mean_acc(acc_key), "acc",
+                           title=f"Zero-shot mean accuracy (%, {acc_key}) — {model}, eval={eval_name}",
+                           corner="method", key=f"zeroshot_mean_{model}_{eval_name}")
+        if mean is None:
+            continue
+        tables.append(mean)
+        tasks = sorted({task for run in group for task in run.zeroshot_tasks})
+        grouped: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for run in group:
+            label = f"{row_label(run)} @ {col_label(run)}"
+            for task in tasks:
+                value = run.task_acc(task, acc_key)
+                if value is not None:
+                    grouped[label][task].append(value)
+            value = run.mean_acc(acc_key)
+            if value is not None:
+                grouped[label]["mean"].append(value)
+        rows = sorted(grouped, key=lambda r: (row_sort_key(r.split(" @ ")[0]), col_sort_key(r.split(" @ ")[1])))
+        cells = {row: {col: _aggregate(vals, "acc") for col, vals in grouped[row].items()} for row in rows}
+        tables.append(Table(title=f"Zero-shot accuracy per task (%, {acc_key}) — {model}, eval={eval_name}",
+                            corner="method @ sparsity", rows=rows, cols=tasks + ["mean"], cells=cells,
+                            key=f"zeroshot_tasks_{model}_{eval_name}"))
+    return tables
+
+
+def _by_model_and_eval(runs: list["Run"]) -> dict[tuple[str, str], list["Run"]]:
+    groups: dict[tuple[str, str], list["Run"]] = defaultdict(list)
+    for run in runs:
+        groups[(run.model, run.eval_name)].append(run)
+    return dict(sorted(groups.items()))
+
+
+# ------------------------------------------------------------------------------------------------ render
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with the title as a heading and notes below."""
+    header = [table.corner] + table.cols
+    lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * len(table.cols)) + "|"]
+    for row in table.rows:
+        lines.append("| " + " | ".join([row] + [table.cell(row, col) for col in table.cols]) + " |")
+    lines += [""] + [f"_{note}_  " for note in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+    return out.replace("±", r"$\pm$").replace("–", "--").replace("—", "---")
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    spec = "l" + "r" * len(table.cols)
+    lines = [
+        r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
+        rf"\label{{tab:{re.sub(r'[^A-Za-z0-9_:.-]', '-', table.key)}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+        " & ".join(latex_escape(c) for c in [table.corner] + table.cols) + r" \\", r"\midrule",
+    ]
+    for row in table.rows:
+        lines.append(" & ".join(latex_escape(c) for c in [row] + [table.cell(row, col) for col in table.cols]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines.append(r"\par\smallskip{\footnotesize " + latex_escape("; ".join(table.notes)) + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
