@@ -14,6 +14,7 @@ from prunelab.config.schema import LatencyConfig
 from prunelab.eval.latency import (
     _semi_structured_unavailable,
     follows_two_four,
+    measure_decode,
     measure_latency,
     semi_structured_weights,
     summarize,
@@ -122,3 +123,23 @@ def test_bad_config_is_rejected(model, field: str, value) -> None:
 def test_wrong_device_is_rejected(model) -> None:
     with pytest.raises(ValueError, match="move it first"):
         measure_latency(model, LatencyConfig(), device="meta")
+
+
+def test_static_cache_compiled_decode_path_runs_on_cpu(model) -> None:
+    """The compile=true plumbing through generate (static cache + transformers' compiled forward), with
+    dynamo's eager backend so no C++ toolchain is needed; on CUDA the same path uses inductor."""
+    import transformers
+
+    config = transformers.CompileConfig(backend="eager", mode=None, fullgraph=True)
+    config._compile_all_devices = True  # transformers otherwise compiles only on accelerators
+    gen = torch.Generator().manual_seed(0)
+    try:
+        result = measure_decode(model, prompt_len=8, new_tokens=3, batch_size=1, warmup=0, repeats=2,
+                                device=torch.device("cpu"), vocab_size=64, generator=gen, compile=True,
+                                compile_config=config)
+    finally:
+        del model._compiled_call
+        torch._dynamo.reset()  # leave no compiled state to other tests
+    assert result["compiled"] and result["mode"] == "compiled, static KV cache"
+    assert result["warmup_runs"] == 2  # compilation gets untimed runs even when warmup=0
+    _positive_finite(result["ms_per_token"], 2)

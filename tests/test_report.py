@@ -108,6 +108,8 @@ def test_markdown_table_cells(sweep: Path, tmp_path: Path) -> None:
     assert wiki["magnitude"]["70%"] == "–"
     assert list(wiki["dense"]) == ["0% (dense)", "50%", "70%", "2:4"]
 
+    assert "configs differ" not in markdown and "different perplexity protocols" not in markdown
+
     c4 = _table(markdown, "Perplexity (c4)")
     assert c4["magnitude"]["50%"] == "40.50" and c4["wanda"]["50%"] == "28.00"
     assert "seqlen 2048, 8 windows" in markdown
@@ -156,3 +158,13 @@ def test_bad_arguments(tmp_path: Path) -> None:
         collect_runs(tmp_path / "missing")
     with pytest.raises(ValueError, match="ppl:<dataset>"):
         build_report(tmp_path, metrics=["perplexity"])
+
+
+def test_cell_merging_different_configs_is_flagged(sweep: Path, tmp_path: Path) -> None:
+    results_path = sweep / "6" / "results.json"  # the seed-1 twin of job 5, now also with other calibration
+    results = json.loads(results_path.read_text())
+    results["config"]["calib"]["nsamples"] = 128
+    results_path.write_text(json.dumps(results))
+    markdown = build_report(sweep, tmp_path / "r", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
+    assert "wanda @ 2:4 averages runs whose configs differ in calib.nsamples (5, 6)" in markdown
+    assert "differ in seed" not in markdown

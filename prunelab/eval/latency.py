@@ -204,10 +204,13 @@ class _TokenClock(LogitsProcessor):
 
 @torch.no_grad()
 def measure_decode(model: nn.Module, prompt_len: int, new_tokens: int, batch_size: int, warmup: int, repeats: int,
-                   device: torch.device, vocab_size: int, generator: torch.Generator, compile: bool) -> dict[str, Any]:
+                   device: torch.device, vocab_size: int, generator: torch.Generator, compile: bool,
+                   compile_config: "transformers.CompileConfig | None" = None) -> dict[str, Any]:
     """Greedy decode of exactly ``new_tokens`` tokens; ms per token from the 2nd to the last token.
 
-    ``compile=True`` must only be passed on CUDA (see :func:`measure_latency`).
+    ``compile=True`` asks for a static KV cache and transformers' compiled forward; transformers compiles
+    only on accelerators unless ``compile_config._compile_all_devices`` is set (default config:
+    ``CompileConfig()``, inductor with mode reduce-overhead). The result says whether it compiled.
     """
     ids = torch.randint(vocab_size, (batch_size, prompt_len), generator=generator).to(device)
     clock = _TokenClock(device)
@@ -216,11 +219,15 @@ def measure_decode(model: nn.Module, prompt_len: int, new_tokens: int, batch_siz
         min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
         disable_compile=not compile,
     )
-    compile_config = None
     if compile:
-        compile_config = transformers.CompileConfig()
+        # transformers keeps its compiled forward in `_compiled_call`; drop a stale one so that `compiled`
+        # below reports what this measurement did (dynamo's guards decide whether anything recompiles)
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call
+        compile_config = compile_config or transformers.CompileConfig()
         gen_kwargs.update(cache_implementation="static", compile_config=compile_config)
     else:
+        compile_config = None
         gen_kwargs.update(cache_implementation="dynamic")
 
     def run() -> tuple[float, list[float]]:
@@ -245,7 +252,7 @@ def measure_decode(model: nn.Module, prompt_len: int, new_tokens: int, batch_siz
         prefill_ms.append(1000 * (stamps[0] - start))
         ms_per_token.append(1000 * (stamps[-1] - stamps[0]) / (new_tokens - 1))
     return {
-        "mode": "compiled, static KV cache" if compiled else "eager, dynamic KV cache",
+        "mode": f"{'compiled' if compiled else 'eager'}, {'static' if compile else 'dynamic'} KV cache",
         "cache": "static" if compile else "dynamic",
         "compiled": compiled,
         "compile_config": compile_config.to_dict() if compile_config is not None else None,

@@ -12,7 +12,7 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     from prunelab.report import Run
@@ -91,22 +91,54 @@ def _aggregate(values: list[float], kind: str) -> str:
     return text
 
 
+# config entries that may differ between runs averaged into one cell (seeds, paths, logging, devices)
+IGNORED_CONFIG_KEYS = ("seed", "calib.seed", "tags", "run_dir", "cache_dir", "data_root", "device", "prune.device",
+                       "prune.offload", "experiment")
+IGNORED_CONFIG_PREFIXES = ("logger.", "eval.latency.", "eval.size.")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def config_differences(runs: list["Run"]) -> list[str]:
+    """Config keys (besides seeds, paths and logging) whose values differ between ``runs``."""
+    flats = [{k: v for k, v in flatten(run.config).items()
+              if k not in IGNORED_CONFIG_KEYS and not k.startswith(IGNORED_CONFIG_PREFIXES)} for run in runs]
+    keys = set().union(*flats) if flats else set()
+    return sorted(k for k in keys if len({repr(flat.get(k)) for flat in flats}) > 1)
+
+
 def build_table(runs: Iterable["Run"], value: Callable[["Run"], float | None], kind: str, title: str,
                 corner: str, key: str) -> Table | None:
-    """Place ``value(run)`` of every run in its (method, sparsity) cell; None when no run has a value."""
-    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    """Place ``value(run)`` of every run in its (method, sparsity) cell; None when no run has a value.
+
+    Runs sharing a cell are averaged; when their configs differ in more than the seed, a note says which keys.
+    """
+    grouped: dict[tuple[str, str], list["Run"]] = defaultdict(list)
     for run in runs:
-        v = value(run)
-        if v is not None:
-            grouped[(row_label(run), col_label(run))].append(float(v))
+        if value(run) is not None:
+            grouped[(row_label(run), col_label(run))].append(run)
     if not grouped:
         return None
     rows = sorted({r for r, _ in grouped}, key=row_sort_key)
     cols = sorted({c for _, c in grouped}, key=col_sort_key)
     cells: dict[str, dict[str, str]] = defaultdict(dict)
-    for (row, col), values in grouped.items():
-        cells[row][col] = _aggregate(values, kind)
-    return Table(title=title, corner=corner, rows=rows, cols=cols, cells=dict(cells), key=key)
+    notes = []
+    for (row, col), members in grouped.items():
+        cells[row][col] = _aggregate([float(value(run)) for run in members], kind)
+        differ = config_differences(members)
+        if differ:
+            notes.append(f"WARNING: {row} @ {col} averages runs whose configs differ in {', '.join(differ)} "
+                         f"({', '.join(run.name for run in members)})")
+            log.warning("%s: %s", title, notes[-1])
+    return Table(title=title, corner=corner, rows=rows, cols=cols, cells=dict(cells), notes=notes, key=key)
 
 
 def _protocol_notes(runs: list["Run"], dataset: str) -> list[str]:
@@ -136,7 +168,7 @@ def perplexity_tables(runs: list["Run"], datasets: list[str] | None = None) -> l
                                 title=f"Perplexity ({dataset}) — {model}, eval={eval_name}",
                                 corner="method", key=f"ppl_{dataset}_{model}_{eval_name}")
             if table is not None:
-                table.notes = _protocol_notes(group, dataset)
+                table.notes = _protocol_notes(group, dataset) + table.notes
                 tables.append(table)
     return tables
 
