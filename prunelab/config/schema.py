@@ -42,7 +42,7 @@ class MethodConfig:
 @dataclass
 class AllocationConfig:
     name: str = "uniform"  # uniform | owl | explicit
-    lam: float = 0.08  # OWL: per-layer sparsities spread over [s - lam, s + lam]
+    lam: float = 0.08  # OWL: per-layer sparsities span a width of 2*lam and average to `sparsity`
     m: float = 5.0  # OWL: a score is an outlier when it exceeds m x its layer's mean score
     layers: dict[str, float] = field(default_factory=dict)  # explicit: {"0-5": 0.3, "6-29": 0.6}; unlisted layers get `sparsity`
 
@@ -205,6 +205,8 @@ def validate(cfg: DictConfig) -> Pattern:
         path = os.path.expanduser(str(cfg.model.path))
         if _looks_local(str(cfg.model.path)) and not os.path.isdir(path):
             raise ConfigError(f"model.path={cfg.model.path!r} does not exist or is not a folder; give a local model folder or a hub id")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model.path={cfg.model.path!r} holds no config.json; give a folder written by save_pretrained")
     elif cfg.model.path is not None and not os.path.isfile(os.path.expanduser(str(cfg.model.path))):
         raise ConfigError(f"model.path={cfg.model.path!r} is not a GGUF file; unset it to use the file from {cfg.model.package}")
 

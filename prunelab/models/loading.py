@@ -158,7 +158,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k != "dtype"})
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only models already in the HF cache load)" if offline else ""
         raise ModelLoadError(f"cannot load model {location!r}: {err}{hint}") from err

@@ -1,0 +1,77 @@
+"""Shared fixtures: the offline data root, the real default model (converted once) and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path | None:
+    for candidate in (os.environ.get("PRUNELAB_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "wikitext").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if root is None:
+        pytest.fail("no offline data root: set PRUNELAB_DATA to a folder laid out like shared/data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """PRUNELAB_CACHE when set (CI sets it, so the model is converted once per run), else a temp dir."""
+    configured = os.environ.get("PRUNELAB_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("prunelab-cache")
+
+
+@pytest.fixture(scope="session")
+def default_model_cfg() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_model_cfg, cache_dir) -> Path:
+    """The default model as a safetensors folder (converted from its GGUF on first use)."""
+    from prunelab.models.loading import prepare_packaged_model
+
+    return prepare_packaged_model(default_model_cfg, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, default_tokenizer) -> Path:
+    """A tiny random Llama with the default model's tokenizer, saved like any HF model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(default_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    return folder
