@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.config.schema import validate
+from prunelab.config.schema import ConfigError, validate
 from prunelab.data import sources
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.results import device_info, git_state, package_versions, write_failure, write_results
@@ -93,7 +93,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
         from prunelab.eval.size import measure_size
 
         with timer("size"):
-            metrics["size"] = measure_size(model, OmegaConf.to_container(cfg.eval.size, resolve=True), run_dir)
+            context = int(ppl_cfg.seqlen or model.config.max_position_embeddings)
+            metrics["size"] = measure_size(model, OmegaConf.to_container(cfg.eval.size, resolve=True), run_dir, context_len=context)
     if cfg.eval.latency.enabled:
         from prunelab.eval.latency import measure_latency
 
@@ -128,8 +129,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             model, tokenizer = load_model(cfg.model, device, cfg.cache_dir)
         metrics: dict[str, Any] = {}
         if method is not None:
-            metrics["pruning"] = prune(model, tokenizer, cfg, method, pattern, payload, timer)
-            metrics["sparsity"] = metrics["pruning"].pop("sparsity", None)
+            metrics["pruning"] = prune(model, tokenizer, cfg, method, pattern, payload, timer, run_dir)
+            metrics["sparsity"] = metrics["pruning"].pop("summary")
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds
@@ -147,12 +148,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
-def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern, payload: dict[str, Any], timer: Timer) -> dict[str, Any]:
-    """Calibrate (when the method needs it) and prune the model in place."""
+def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern, payload: dict[str, Any], timer: Timer, run_dir: Path) -> dict[str, Any]:
+    """Calibrate (when the method needs it) and prune the model in place; return the report."""
     from prunelab.prune.engine import check_pattern_fits, prune_model
 
     engine_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
-    check_pattern_fits(model, pattern, engine_cfg["targets"], engine_cfg["skip"])
+    try:
+        check_pattern_fits(model, pattern, engine_cfg["targets"], engine_cfg["skip"])
+    except ValueError as error:  # the model's widths are known only once it is loaded
+        raise ConfigError(str(error)) from None
     calib_ids = None
     if needs_calibration(cfg, method):
         from prunelab.data.calibration import get_calibration
@@ -169,4 +173,10 @@ def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, 
             OmegaConf.to_container(cfg.allocation, resolve=True),
             engine_cfg,
         )
-    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    if report.masks is not None:
+        from prunelab.prune.io import save_masks
+
+        save_masks(report.masks, run_dir / "masks.safetensors")
+    if not report.summary.nm_ok:
+        raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
+    return report.to_dict()
