@@ -88,18 +88,20 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
         from prunelab.eval.zeroshot import run_zeroshot
 
         with timer("zeroshot"):
-            metrics["zeroshot"] = run_zeroshot(model, tokenizer, OmegaConf.to_container(cfg.eval.zeroshot, resolve=True), device)
+            zeroshot_cfg = OmegaConf.to_container(cfg.eval.zeroshot, resolve=True)
+            bootstrap_iters = zeroshot_cfg.pop("bootstrap_iters")
+            metrics["zeroshot"] = run_zeroshot(model, tokenizer, zeroshot_cfg, device, bootstrap_iters=bootstrap_iters)
     if cfg.eval.size.enabled:
         from prunelab.eval.size import measure_size
 
         with timer("size"):
             context = int(ppl_cfg.seqlen or model.config.max_position_embeddings)
-            metrics["size"] = measure_size(model, OmegaConf.to_container(cfg.eval.size, resolve=True), run_dir, context_len=context)
+            metrics["size"] = measure_size(model, cfg.eval.size, run_dir, context_len=context)
     if cfg.eval.latency.enabled:
         from prunelab.eval.latency import measure_latency
 
         with timer("latency"):
-            metrics["latency"] = measure_latency(model, OmegaConf.to_container(cfg.eval.latency, resolve=True), device)
+            metrics["latency"] = measure_latency(model, cfg.eval.latency, device)
     return metrics
 
 

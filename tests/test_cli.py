@@ -97,3 +97,22 @@ def test_a_run_that_fails_after_starting_writes_failed_json_only(tmp_path, cache
     assert not (run_dir / "results.json").exists()
     failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["status"] == "failed" and "ModelLoadError" in failed["error"]
+
+
+def test_zero_shot_latency_and_size_reach_results_json(tmp_path, cache_dir, data_root, tiny_hf_dir):
+    run_dir = tmp_path / "all-evals"
+    proc = run_cli(
+        "model=hf", f"model.path={tiny_hf_dir}", "method=magnitude", "pattern=2:4", "eval=zeroshot-quick",
+        "eval.zeroshot.limit=2", "eval.zeroshot.tasks=[arc_easy,lambada_openai]", "eval.zeroshot.bootstrap_iters=0",
+        "eval.perplexity.seqlen=64", "eval.perplexity.max_windows=1", "eval.latency.enabled=true",
+        "eval.latency.prefill_lengths=[16]", "eval.latency.decode_tokens=4", "eval.latency.repeats=2",
+        "eval.latency.warmup=1", "logger=none", f"hydra.run.dir={run_dir}",
+        cache_dir=cache_dir, data_root=data_root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert set(metrics["zeroshot"]["tasks"]) == {"arc_easy", "lambada_openai"}
+    assert all(0.0 <= task["acc"] <= 1.0 for task in metrics["zeroshot"]["tasks"].values())
+    assert metrics["sparsity"]["nm_ok"] and metrics["sparsity"]["overall"] == pytest.approx(0.5)
+    assert metrics["size"]["params"]["prunable"]["sparsity"] == pytest.approx(0.5)
+    assert metrics["latency"]["prefill"] and metrics["latency"]["decode"]

@@ -73,6 +73,7 @@ class ZeroShotConfig:
     batch_size: int = 8
     add_bos: bool = False  # prepend the BOS token to every request (explicit, recorded with the numbers)
     num_fewshot: int = 0
+    bootstrap_iters: int = 1000  # resamples for lm-eval's stderr of perplexity-type metrics (0 = none)
 
 
 @dataclass
