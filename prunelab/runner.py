@@ -61,7 +61,8 @@ def preflight(cfg: DictConfig) -> tuple[Pattern, Any]:
 
 
 def needs_calibration(cfg: DictConfig, method: Any) -> bool:
-    return bool(method is not None and (method.needs or cfg.allocation.name == "owl"))
+    """Methods that score with input statistics need calibration windows (OWL then reuses them)."""
+    return bool(method is not None and method.needs)
 
 
 def run_name(cfg: DictConfig) -> str:
