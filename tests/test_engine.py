@@ -197,7 +197,9 @@ def test_method_that_prunes_nothing_leaves_model_unchanged(arch, sequential):
         assert torch.equal(v, before[k]), k
     assert len(method.seen) == len(report.modules) == len(list(get_adapter(model).iter_prunable()))
     assert all(s.ntokens == 3 * 16 for s in method.seen)
-    assert report.layer_forwards == get_adapter(model).num_layers * (2 if sequential else 1)
+    num_layers = get_adapter(model).num_layers
+    # statistics pass on every layer; sequential re-runs every pruned layer but the last
+    assert report.layer_forwards == (2 * num_layers - 1 if sequential else num_layers)
     assert not model.training
 
 
@@ -313,6 +315,25 @@ def test_owl_ratios_match_a_dense_reference():
         w = m.get_weight()
         per_row = math.floor(w.shape[1] * targets[m.layer] + 1e-6)
         assert int((w == 0).sum()) == per_row * w.shape[0]
+
+
+def test_owl_with_magnitude_uses_weights_only_and_ignores_skipped_layers():
+    model = BUILDERS["llama"]()
+    calls = count_calls(model.model.embed_tokens)
+    allocation = {"name": "owl", "lam": 0.1, "m": 3.0}
+    engine = {**CPU, "skip": [r"layers\.1\."]}
+    adapter = get_adapter(model)
+    expected = []
+    for layer in (0, 2):
+        scores = torch.cat([m.get_weight().abs().flatten() for m in adapter.prunable_modules(layer)])
+        expected.append(float((scores > 3.0 * scores.mean()).float().mean()))
+    report = prune_model(model, build_method("magnitude"), None, 0.5, "unstructured", allocation, engine)
+    assert calls[0] == 0 and report.layer_forwards == 0
+    assert report.outlier_ratios[1] is None
+    assert [report.outlier_ratios[0], report.outlier_ratios[2]] == pytest.approx(expected)
+    t = report.layer_targets
+    assert t[1] == 0.5 and t[0] + t[2] == pytest.approx(1.0) and abs(t[0] - t[2]) == pytest.approx(0.2)
+    assert float((model.model.layers[1].mlp.up_proj.weight == 0).float().mean()) == 0.0
 
 
 def test_global_magnitude_prunes_the_smallest_weights_overall():

@@ -15,10 +15,12 @@ Layer 0's inputs and every layer's other arguments (masks, position embeddings) 
 backbone forward with the layers replaced by recorders (``prunelab.prune.capture``). Methods that
 need no statistics (magnitude, random) run without any forward pass.
 
-Passes are not wasted: modules fed the same tensor (q/k/v, gate/up) share one ``InputStats``,
-and when step 2's outputs are thrown away (sequential mode) the layer's last Linear
-(``ArchSpec.last_linear``, e.g. ``mlp.down_proj``) only records its input: its product would
-only reach the discarded output.
+Passes are not wasted: modules fed the same tensor (q/k/v, gate/up) share one ``InputStats``;
+when step 2's outputs are thrown away (sequential mode, or the last layer, whose outputs nothing
+reads) the layer's last Linear (``ArchSpec.last_linear``, e.g. ``mlp.down_proj``) only records
+its input, since its product would only reach the discarded output; the last layer is never
+re-run. A sequential run thus makes 2L - 1 layer passes over the calibration set (L with
+statistics hooks, L - 1 re-runs of pruned layers); ``experiments/bench_prune.py`` measures it.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class LayerwisePruner:
         self.layer_forwards = 0
         self.records: list[ModuleRecord] = []
         self.masks: dict[str, torch.Tensor] | None = {} if settings.save_masks else None
-        self.outlier_ratios: list[float] | None = None
+        self.outlier_ratios: list[float | None] | None = None
         self._check_allocation()
 
     # ----------------------------------------------------------------------------- allocation
@@ -272,7 +274,13 @@ class LayerwisePruner:
             return alloc.explicit(self.allocation.get("layers") or {}, num_layers, self.sparsity)
         if name == "owl":
             self.outlier_ratios = self._owl_ratios(captured)
-            return alloc.owl(self.outlier_ratios, self.sparsity, float(self.allocation.get("lam", 0.08)))
+            pruned = [i for i, r in enumerate(self.outlier_ratios) if r is not None]  # layers with targets
+            lam = float(self.allocation.get("lam", 0.08))
+            spread = alloc.owl([self.outlier_ratios[i] for i in pruned], self.sparsity, lam)
+            targets = [self.sparsity] * num_layers
+            for i, target in zip(pruned, spread):
+                targets[i] = target
+            return targets
         return alloc.uniform(num_layers, self.sparsity)
 
     def module_targets(self, layer_targets: list[float]) -> dict[str, float]:
@@ -281,8 +289,8 @@ class LayerwisePruner:
             return alloc.global_magnitude(weights, self.sparsity)
         return {m.full_name: layer_targets[m.layer] for m in self.selected}
 
-    def _owl_ratios(self, captured: CapturedInputs | None) -> list[float]:
-        """OWL's pre-pass: outlier ratio of every layer's scores, on the dense model."""
+    def _owl_ratios(self, captured: CapturedInputs | None) -> list[float | None]:
+        """OWL's pre-pass: outlier ratio of every layer's scores on the dense model (None: nothing targeted)."""
         m = float(self.allocation.get("m", 5.0))
         ratios = []
         hidden = captured.hidden if captured is not None else None
@@ -294,17 +302,18 @@ class LayerwisePruner:
             modules = self.by_layer.get(index, [])
             stats: Mapping[str, InputStats | None] = {}
             if hidden is not None:
+                last = index == self.adapter.num_layers - 1
                 collector = _StatsCollector(modules, self.method.needs, self.device)
-                with self.timer("owl_prepass"):
-                    hidden = self._forward(layer, hidden, captured.calls[index], collector)
+                with self.timer("owl_prepass"), _input_only(self._last_linear(modules, index) if last else None):
+                    hidden = self._forward(layer, hidden, captured.calls[index], collector, keep_outputs=not last)
                 collector.remove()
                 stats = collector.stats
             with self.timer("owl_prepass"):
                 scores = [self.method.outlier_scores(mod.get_weight(), stats.get(mod.name)) for mod in modules]
-                ratios.append(alloc.outlier_ratio(scores, m) if scores else 0.0)
+                ratios.append(alloc.outlier_ratio(scores, m) if scores else None)
             with self.timer("move"):
                 layer.to(home)
-        log.info("OWL outlier ratios (m=%g): %s", m, ", ".join(f"{r:.4f}" for r in ratios))
+        log.info("OWL outlier ratios (m=%g): %s", m, ", ".join("-" if r is None else f"{r:.4f}" for r in ratios))
         return ratios
 
     # ----------------------------------------------------------------------------- passes
@@ -366,9 +375,14 @@ class LayerwisePruner:
     def prune_layer(
         self, index: int, hidden: list[torch.Tensor] | None, calls: list[LayerCall] | None, targets: Mapping[str, float]
     ) -> list[torch.Tensor] | None:
-        """Prune decoder layer ``index`` and return the next layer's inputs (None without data)."""
+        """Prune decoder layer ``index`` and return the next layer's inputs.
+
+        None when no statistics are needed (no forward at all) and for the last layer, whose
+        outputs nothing reads.
+        """
         layer = self.adapter.layers[index]
         modules = self.by_layer.get(index, [])
+        need_outputs = index < self.adapter.num_layers - 1
         home = _home(layer)
         with self.timer("move"):
             layer.to(self.device)
@@ -377,18 +391,24 @@ class LayerwisePruner:
                 self._solve(modules, {}, targets)
                 return None
             if not modules:
+                if not need_outputs:
+                    return None
                 with self.timer("forward"):
                     return self._forward(layer, hidden, calls)
+            # The statistics pass's outputs are thrown away when the pruned layer is re-run
+            # (sequential) or when nothing reads them (last layer): skip the last Linear's product.
+            discard = self.settings.sequential or not need_outputs
             collector = _StatsCollector(modules, self.method.needs, self.device)
-            sequential = self.settings.sequential
             try:
-                with self.timer("stats"), _input_only(self._last_linear(modules, index) if sequential else None):
-                    outputs = self._forward(layer, hidden, calls, collector, keep_outputs=not sequential)
+                with self.timer("stats"), _input_only(self._last_linear(modules, index) if discard else None):
+                    outputs = self._forward(layer, hidden, calls, collector, keep_outputs=not discard)
             finally:
                 collector.remove()
             self._solve(modules, collector.stats, targets)
             del collector
-            if sequential:
+            if not need_outputs:
+                return None
+            if self.settings.sequential:
                 with self.timer("forward"):
                     outputs = self._forward(layer, hidden, calls)
             return outputs
@@ -399,7 +419,6 @@ class LayerwisePruner:
     # ----------------------------------------------------------------------------- run
     def run(self, calib_ids: torch.Tensor | None) -> PruneReport:
         check_pattern_fits(self.model, self.pattern, self.settings.targets, self.settings.skip)
-        owl = self.allocation.get("name") == "owl"
         if self.needs_data:
             _check_calibration(calib_ids, self.method)
         cuda = self.device.type == "cuda"
@@ -441,8 +460,8 @@ class LayerwisePruner:
             allocation=str(self.allocation.get("name", "uniform")) + (" (global magnitude)" if self.global_scope else ""),
             sequential=self.settings.sequential,
             device=str(self.device),
-            nsamples=int(calib_ids.shape[0]) if self.needs_data or owl and calib_ids is not None else 0,
-            seqlen=int(calib_ids.shape[1]) if self.needs_data or owl and calib_ids is not None else 0,
+            nsamples=int(calib_ids.shape[0]) if self.needs_data else 0,
+            seqlen=int(calib_ids.shape[1]) if self.needs_data else 0,
             layer_targets=layer_targets,
             modules=self.records,
             summary=summary,

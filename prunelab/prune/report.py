@@ -132,7 +132,7 @@ class PruneReport:
     timings: dict[str, float]
     peak_memory_mb: dict[str, float]
     layer_forwards: int  # decoder-layer passes over the whole calibration set
-    outlier_ratios: list[float] | None = None
+    outlier_ratios: list[float | None] | None = None  # OWL: per layer (None: no module targeted)
     masks: dict[str, torch.Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
