@@ -15,7 +15,7 @@ Examples::
     # smoke test of the 7B path: two 7B-shaped layers on the CPU in float32
     python experiments/bench_prune.py --shape llama-7b --layers 2 --device cpu --dtype float32 --nsamples 2 --seqlen 128
 
-Writes ``experiments/results/bench_prune_<shape>_<device>.{md,json}``.
+Writes ``experiments/results/bench_prune_<shape>_<device>_<nsamples>x<seqlen>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_prune_{args.shape}_{device.type}"
+    layers = f"_{args.layers}layers" if args.layers else ""
+    stem = f"bench_prune_{args.shape}{layers}_{device.type}_{args.nsamples}x{args.seqlen}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     markdown = to_markdown(result)
     (out / f"{stem}.md").write_text(markdown)

@@ -349,11 +349,10 @@ class LayerwisePruner:
             _sync(self.device)
             elapsed = time.perf_counter() - start
             self.timer.seconds["solve"] += elapsed
-            stored = mod.module.weight
-            achieved = float((stored == 0).sum().item()) / stored.numel()
             target = self.pattern.sparsity if self.pattern.is_nm else targets[mod.full_name]
             self.records.append(
-                ModuleRecord(mod.full_name, mod.layer, mod.name, (mod.out_features, mod.in_features), target, achieved, elapsed)
+                # achieved: filled from the weights once the run is over (``measure_sparsity``)
+                ModuleRecord(mod.full_name, mod.layer, mod.name, (mod.out_features, mod.in_features), target, 0.0, elapsed)
             )
             if self.masks is not None:
                 mask = result.mask.to(torch.bool)
@@ -449,6 +448,8 @@ class LayerwisePruner:
         self.timer.seconds["total"] = time.perf_counter() - start
         with self.timer("measure"):
             summary = measure_sparsity(self.model, self.settings.targets, self.settings.skip, self.pattern)
+        for record in self.records:
+            record.achieved = summary.per_module[record.name]
         peak = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
         if cuda:
             peak["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
