@@ -177,7 +177,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {row['method']} | {row['pattern']} | {row['total_s']:.2f} | {row['ratio']:.2f} | "
             f"{'≤ %.1f' % target if target else ''} | {t.get('capture', 0):.2f} | {t.get('stats', 0):.2f} | "
             f"{t.get('solve', 0):.2f} | {t.get('forward', 0):.2f} | {row['layer_forwards']} | {row['sparsity']:.4f} | "
-            f"{row['peak_rss_mb']:.0f} | {row.get('peak_cuda_mb', float('nan')):.0f} |"
+            f"{row['peak_rss_mb']:.0f} | {'%.0f' % row['peak_cuda_mb'] if 'peak_cuda_mb' in row else '–'} |"
         )
     lines += [
         "",
