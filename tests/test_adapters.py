@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    SiglipVisionConfig,
+)
 from transformers.pytorch_utils import Conv1D
 
 from prunelab.models.adapters import UnsupportedArchitectureError, get_adapter, select_modules
@@ -118,3 +125,23 @@ def test_targets_and_skip_selection():
         select_modules(model, targets=["("])
     with pytest.raises(ValueError, match="must be a list"):
         select_modules(model, targets="mlp")
+
+
+def test_gemma3_multimodal_prunes_only_the_language_layers():
+    text = Gemma3TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    adapter = get_adapter(model)
+    assert adapter.layers_path == "model.language_model.layers"
+    chosen = select_modules(model)
+    assert len(chosen) == 2 * 7
+    assert all(m.full_name.startswith("model.language_model.layers.") for m in chosen)
+    vision_linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and "vision" in n]
+    assert vision_linears and not set(vision_linears) & {m.full_name for m in chosen}

@@ -107,11 +107,11 @@ def check_pattern_fits(
     if misfits:
         shown = ", ".join(f"{m.full_name} (in_features={m.in_features})" for m in misfits[:6])
         more = f" and {len(misfits) - 6} more" if len(misfits) > 6 else ""
-        names = sorted({m.name for m in misfits})
+        names = ",".join(sorted({m.name.rsplit(".", 1)[-1] for m in misfits}))
         raise ValueError(
             f"pattern={pattern} needs every targeted module's input width divisible by M={pattern.m}, "
             f"but {shown}{more} are not; pick an M that divides them or leave them out, e.g. "
-            f"prune.skip='[{', '.join(repr(n.replace('.', chr(92) + '.')) for n in names)}]'"
+            f"'prune.skip=[{names}]'"
         )
 
 

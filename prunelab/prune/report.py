@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.models.adapters import get_adapter, select_modules
+from prunelab.models.adapters import select_modules
 from prunelab.prune.masks import nm_violations
 from prunelab.prune.pattern import Pattern
 
