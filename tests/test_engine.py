@@ -249,6 +249,38 @@ def test_stats_do_not_depend_on_batch_size():
         torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-5, atol=1e-5)
 
 
+def test_statistics_are_shared_only_for_the_same_unmodified_input():
+    from prunelab.models.adapters import PrunableModule
+    from prunelab.prune.engine import _StatsCollector
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = x.clone()
+            ya, yb = self.a(x), self.b(x)
+            x.mul_(2.0)  # same object, new contents: c must not reuse a's statistics
+            return ya + yb + self.c(x)
+
+    toy = Toy()
+    modules = [PrunableModule(0, n, n, getattr(toy, n)) for n in "abc"]
+    collector = _StatsCollector(modules, frozenset({SQ_NORM}), torch.device("cpu"))
+    xs = [torch.randn(5, 4) for _ in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            toy(x)
+            collector.end_batch()
+    collector.remove()
+    assert collector.shared_with == {"b": "a"}
+    assert collector.stats["b"] is collector.stats["a"]
+    expected = sum((x * x).sum(0) for x in xs)
+    torch.testing.assert_close(collector.stats["a"].sq_norm, expected)
+    torch.testing.assert_close(collector.stats["c"].sq_norm, 4 * expected)
+    assert collector.stats["a"].ntokens == collector.stats["c"].ntokens == 15
+
+
 def _expected_unstructured(numel: int, s: float) -> float:
     return math.floor(numel * s + 1e-6) / numel
 

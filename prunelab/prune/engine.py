@@ -118,9 +118,10 @@ def check_pattern_fits(
 class _StatsCollector:
     """Forward pre-hooks that accumulate ``InputStats`` for a layer's targeted modules.
 
-    Modules that receive the very same tensor (q/k/v, gate/up) share one ``InputStats``: the
-    sharing is found on the first batch by object identity (the tensors are held for the batch,
-    so identity cannot be faked by a reused address) and re-checked on every later batch.
+    Modules that receive the very same, unmodified tensor (q/k/v, gate/up) share one
+    ``InputStats``. The sharing is found on the first batch by object identity plus the tensor's
+    in-place version counter (the tensors are held for the batch, so a freed address cannot be
+    reused to fake identity) and re-checked on every later batch.
     """
 
     def __init__(self, modules: Sequence[PrunableModule], needs: frozenset[str], device: torch.device):
@@ -129,27 +130,31 @@ class _StatsCollector:
         self.stats: dict[str, InputStats] = {}
         self.shared_with: dict[str, str] = {}
         self._modules = {m.name: m for m in modules}
-        self._seen: dict[str, torch.Tensor] = {}  # this batch: module name → its input
+        self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # this batch: module → (input, its version)
         self._first_batch = True
         self._handles = [m.module.register_forward_pre_hook(self._hook(m.name)) for m in modules]
+
+    def _same_input(self, owner: str, x: torch.Tensor) -> bool:
+        seen = self._seen.get(owner)
+        return seen is not None and seen[0] is x and seen[1] == x._version
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             owner = self.shared_with.get(name)
             if self._first_batch:
-                owner = next((other for other, seen in self._seen.items() if seen is x), None)
+                owner = next((other for other in self._seen if self._same_input(other, x)), None)
                 if owner is not None:
                     self.shared_with[name] = owner
                     self.stats[name] = self.stats[owner]
                     return
                 self.stats[name] = InputStats(self._modules[name].in_features, self.needs, self.device)
             elif owner is not None:
-                if self._seen.get(owner) is not x:
+                if not self._same_input(owner, x):
                     raise RuntimeError(f"{name} stopped receiving the same input as {owner}; cannot share statistics")
                 return
             self.stats[name].add(x)
-            self._seen[name] = x
+            self._seen[name] = (x, x._version)
 
         return hook
 
