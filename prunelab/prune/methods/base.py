@@ -61,7 +61,11 @@ class PruningMethod(ABC):
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
-        """Return the pruned weight for a target sparsity (ignored for N:M, which fixes it)."""
+        """Return the pruned weight for a target sparsity (ignored for N:M, which fixes it).
+
+        Must not modify ``stats`` in place: the engine shares one InputStats between modules that
+        read the same tensor (q/k/v, gate/up).
+        """
 
     def outlier_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         """Per-weight importance used by OWL to measure outliers (|W|·‖X‖ by default when available)."""
