@@ -35,31 +35,14 @@ def _linear_like_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return ``(name, ModuleList)`` of the decoder blocks.
-
-    The list whose length equals the config's ``num_hidden_layers`` wins (the largest one when several do);
-    without a config, the ModuleList holding the most parameters.
-
-    Raises:
-        ValueError: when the model has no ModuleList of blocks.
-    """
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers; pass linear_names explicitly")
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n_layers = getattr(config, "num_hidden_layers", None)
-    matching = [item for item in lists if len(item[1]) == n_layers] or lists
-    return max(matching, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
 def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear (and Conv1D) modules inside the decoder layers, by full name: what the engine may prune."""
-    prefix, layers = find_decoder_layers(model)
-    kinds = _linear_like_types()
-    return {f"{prefix}.{name}": module for name, module in layers.named_modules() if isinstance(module, kinds)}
+    """Linear (and Conv1D) modules inside the decoder layers, by full name: what the engine may prune.
+
+    Uses the engine's architecture adapter, so "prunable" means the same thing here and there.
+    """
+    from prunelab.models.adapters import get_adapter
+
+    return {m.full_name: m.module for m in get_adapter(model).iter_prunable()}
 
 
 def _unique_parameters(modules: Iterator[nn.Module] | list[nn.Module]) -> list[torch.Tensor]:
