@@ -116,7 +116,6 @@ class LoggerConfig:
 class PruneEngineConfig:
     sequential: bool = True  # re-run each pruned layer so the next layer sees pruned inputs
     device: str = "auto"  # where one decoder layer is computed: auto | cpu | cuda | cuda:N
-    offload: str = "cpu"  # where the other layers wait: cpu (disk offload is future work)
     targets: list[str] = field(default_factory=lambda: [r".*"])  # regexes of Linear names inside a decoder layer
     skip: list[str] = field(default_factory=list)  # regexes of full module names never pruned
     batch_size: int = 1  # calibration windows per layer forward

@@ -48,7 +48,7 @@ from prunelab.prune.report import ModuleRecord, PruneReport, measure_sparsity
 
 log = logging.getLogger(__name__)
 
-ENGINE_KEYS = ("sequential", "device", "offload", "targets", "skip", "batch_size", "save_masks")
+ENGINE_KEYS = ("sequential", "device", "targets", "skip", "batch_size", "save_masks")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -67,7 +67,6 @@ class EngineSettings:
 
     sequential: bool = True
     device: torch.device = field(default_factory=lambda: resolve_device("auto"))
-    offload: str = "cpu"
     targets: list[str] = field(default_factory=lambda: [".*"])
     skip: list[str] = field(default_factory=list)
     batch_size: int = 1
@@ -85,7 +84,6 @@ class EngineSettings:
         return cls(
             sequential=bool(engine.get("sequential", True)),
             device=resolve_device(engine.get("device", "auto")),
-            offload=str(engine.get("offload", "cpu")),
             targets=[str(t) for t in engine.get("targets", [".*"])],
             skip=[str(s) for s in engine.get("skip", [])],
             batch_size=batch_size,
@@ -500,7 +498,7 @@ def prune_model(
         allocation: the ``allocation`` config (``name``: uniform | owl | explicit, ``lam``, ``m``,
             ``layers``); None = uniform.
         engine: the ``prune`` config block (``sequential``, ``device``, ``targets``, ``skip``,
-            ``batch_size``, ``save_masks``, ``offload``); None = defaults.
+            ``batch_size``, ``save_masks``); None = defaults.
 
     Returns:
         A :class:`PruneReport` with per-module targets and achieved sparsity, the sparsity

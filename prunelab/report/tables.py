@@ -93,7 +93,7 @@ def _aggregate(values: list[float], kind: str) -> str:
 
 # config entries that may differ between runs averaged into one cell (seeds, paths, logging, devices)
 IGNORED_CONFIG_KEYS = ("seed", "calib.seed", "tags", "run_dir", "cache_dir", "data_root", "device", "prune.device",
-                       "prune.offload", "experiment")
+                       "experiment")
 IGNORED_CONFIG_PREFIXES = ("logger.", "eval.latency.", "eval.size.")
 
 
