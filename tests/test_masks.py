@@ -34,6 +34,19 @@ def test_per_row_mask_drops_the_smallest_of_each_row(shape, sparsity):
         assert len(dropped) == int(shape[1] * sparsity)
 
 
+def test_per_row_mask_keeps_exact_counts_when_scores_tie_at_the_threshold():
+    # dead inputs give whole columns of zero scores: ties straddle the threshold in every row
+    scores = torch.rand(6, 20, generator=torch.Generator().manual_seed(3)) + 1.0
+    scores[:, [2, 5, 7, 11, 13, 17]] = 0.0
+    scores[0, :] = 0.5  # a row where every score ties
+    mask = unstructured_per_row_mask(scores, 0.25)  # k = 5 of 6 (or 20) tied scores
+    for row, row_mask in zip(scores.tolist(), mask.tolist()):
+        dropped = [v for v, keep in zip(row, row_mask) if not keep]
+        kept = [v for v, keep in zip(row, row_mask) if keep]
+        assert len(dropped) == 5
+        assert max(dropped) <= min(kept), "no kept score may be below a dropped one"
+
+
 def test_per_matrix_mask_uses_one_threshold():
     scores = torch.rand(6, 12, generator=torch.Generator().manual_seed(1))
     mask = unstructured_per_matrix_mask(scores, 0.4)

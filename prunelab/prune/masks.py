@@ -49,13 +49,24 @@ def _check_matrix(scores: torch.Tensor) -> None:
 
 
 def unstructured_per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Drop the ``floor(in·s)`` lowest scores of every output row (Wanda's comparison group)."""
+    """Drop the ``floor(in·s)`` lowest scores of every output row (Wanda's comparison group).
+
+    Each row's k-th smallest score (``kthvalue``, about twice as fast as ``topk`` on CPU) is its
+    threshold; rows where ties at the threshold would drop more than k fall back to ``topk``.
+    """
     _check_matrix(scores)
     k = prune_count(scores.shape[1], sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        drop = torch.topk(scores, k, dim=1, largest=False).indices
-        mask.scatter_(1, drop, False)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+    mask = scores > threshold
+    tied_rows = ((~mask).sum(dim=1) != k).nonzero().squeeze(1)
+    if tied_rows.numel():
+        rows = scores[tied_rows]
+        drop = torch.topk(rows, k, dim=1, largest=False).indices
+        row_mask = torch.ones_like(rows, dtype=torch.bool)
+        row_mask.scatter_(1, drop, False)
+        mask[tied_rows] = row_mask
     return mask
 
 
