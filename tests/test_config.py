@@ -70,6 +70,7 @@ def test_unknown_group_option_lists_the_allowed_ones(group, value):
     "overrides,needle",
     [
         (["pattern=2:4", "sparsity=0.6", "method=wanda"], "sparsity=0.5"),
+        (["pattern=2:4", "sparsity=0.6"], "sparsity=0.5"),  # the default method=dense too
         (["pattern=3:2"], "0 < N < M"),
         (["pattern=sparse"], "unstructured"),
         (["method.name=foo"], "method='foo'"),

@@ -183,7 +183,7 @@ def validate(cfg: DictConfig) -> Pattern:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _choice(cfg.method.name, KNOWN_METHODS, "method")
-    if pattern.is_nm and cfg.method.name != "dense" and abs(pattern.sparsity - sparsity) > 1e-9:
+    if pattern.is_nm and abs(pattern.sparsity - sparsity) > 1e-9:
         raise ConfigError(
             f"pattern={pattern} fixes sparsity at {pattern.sparsity:g} but sparsity={sparsity:g}; "
             f"set sparsity={pattern.sparsity:g} or pattern=unstructured"
