@@ -75,11 +75,11 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
     """Run every enabled evaluation of the ``eval`` preset and return its metrics."""
     metrics: dict[str, Any] = {}
     ppl_cfg = cfg.eval.perplexity
+    seqlen = int(ppl_cfg.seqlen or model.config.max_position_embeddings)  # also the context for FLOPs/token
     if ppl_cfg.enabled:
         from prunelab.data.tokens import eval_stream
         from prunelab.eval.perplexity import perplexity
 
-        seqlen = int(ppl_cfg.seqlen or model.config.max_position_embeddings)
         metrics["perplexity"] = {}
         with timer("perplexity"):
             for name in ppl_cfg.datasets:
@@ -96,8 +96,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
         from prunelab.eval.size import measure_size
 
         with timer("size"):
-            context = int(ppl_cfg.seqlen or model.config.max_position_embeddings)
-            metrics["size"] = measure_size(model, cfg.eval.size, run_dir, context_len=context)
+            metrics["size"] = measure_size(model, cfg.eval.size, run_dir, context_len=seqlen)
     if cfg.eval.latency.enabled:
         from prunelab.eval.latency import measure_latency
 

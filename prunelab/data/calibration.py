@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from prunelab.data.sources import TextSource, calibration_source
-from prunelab.data.tokens import tokenizer_fingerprint
+from prunelab.data.tokens import ids_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,6 @@ def get_calibration(
         "seqlen": seqlen,
         "seed": seed,
         "cache_key": key,
-        "fingerprint": hashlib.sha256(windows.to(torch.int32).numpy().tobytes()).hexdigest(),
+        "fingerprint": ids_fingerprint(windows),
     }
     return windows, record

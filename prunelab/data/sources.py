@@ -79,10 +79,16 @@ def _read_parquet_column(path: Path, column: str = "text") -> list[str]:
     return pq.read_table(path, columns=[column]).column(column).to_pylist()
 
 
-def _hub(*args, **kwargs) -> list[str]:
+def _hub(what: str, relative: Path, data_root: str | os.PathLike | None, *args, **kwargs) -> list[str]:
+    """The ``text`` column of a hub dataset, or DataUnavailableError saying what to set."""
+    if hub_offline():
+        raise _unavailable(what, relative, data_root, None)
     import datasets
 
-    return list(datasets.load_dataset(*args, **kwargs)["text"])
+    try:
+        return list(datasets.load_dataset(*args, **kwargs)["text"])
+    except Exception as err:  # network, auth, missing dataset: all mean "not available"
+        raise _unavailable(what, relative, data_root, err) from err
 
 
 def check_available(name: str, data_root: str | os.PathLike | None, purpose: str = "eval") -> None:
@@ -104,12 +110,7 @@ def wikitext2_test(data_root: str | os.PathLike | None) -> TextSource:
     path = _local(data_root, WIKITEXT2_TEST)
     if path is not None:
         return TextSource("wikitext2", _read_parquet_column(path), str(path), "WikiText-2 raw v1, test split")
-    if hub_offline():
-        raise _unavailable("WikiText-2", WIKITEXT2_TEST, data_root, None)
-    try:
-        docs = _hub("wikitext", "wikitext-2-raw-v1", split="test")
-    except Exception as err:  # network, auth, missing dataset: all mean "not available"
-        raise _unavailable("WikiText-2", WIKITEXT2_TEST, data_root, err) from err
+    docs = _hub("WikiText-2", WIKITEXT2_TEST, data_root, "wikitext", "wikitext-2-raw-v1", split="test")
     return TextSource("wikitext2", docs, "hub:wikitext/wikitext-2-raw-v1", "WikiText-2 raw v1, test split")
 
 
@@ -117,8 +118,10 @@ def wikitext2_train() -> TextSource:
     """WikiText-2 raw v1 train split (hub only), for calibration."""
     if hub_offline():
         raise DataUnavailableError("WikiText-2 train is hub-only and HF_HUB_OFFLINE is set; use calib=c4")
+    import datasets
+
     try:
-        docs = _hub("wikitext", "wikitext-2-raw-v1", split="train")
+        docs = list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
     except Exception as err:
         raise DataUnavailableError(f"WikiText-2 train could not be fetched from the hub: {err}; use calib=c4") from err
     return TextSource("wikitext2-train", docs, "hub:wikitext/wikitext-2-raw-v1:train", "WikiText-2 raw v1, train split")
@@ -130,12 +133,8 @@ def c4_eval(data_root: str | os.PathLike | None) -> TextSource:
     if path is not None:
         docs = _read_parquet_column(path)[:C4_EVAL_DOCS]
         return TextSource("c4", docs, str(path), "C4 en validation, 2k-document subset, documents 0-1099")
-    if hub_offline():
-        raise _unavailable("C4", C4_VALIDATION, data_root, None)
-    try:
-        docs = _hub("allenai/c4", data_files={"validation": C4_HUB_VALIDATION}, split="validation")[:C4_EVAL_DOCS]
-    except Exception as err:
-        raise _unavailable("C4", C4_VALIDATION, data_root, err) from err
+    docs = _hub("C4", C4_VALIDATION, data_root, "allenai/c4", data_files={"validation": C4_HUB_VALIDATION}, split="validation")
+    docs = docs[:C4_EVAL_DOCS]
     return TextSource("c4", docs, f"hub:allenai/c4:{C4_HUB_VALIDATION}", "C4 en validation shard 0, documents 0-1099")
 
 
@@ -145,12 +144,7 @@ def c4_calibration(data_root: str | os.PathLike | None) -> TextSource:
     if path is not None:
         docs = _read_parquet_column(path)[C4_EVAL_DOCS:]
         return TextSource("c4-calib", docs, str(path), "C4 en validation, 2k-document subset, documents 1100+")
-    if hub_offline():
-        raise _unavailable("C4", C4_VALIDATION, data_root, None)
-    try:
-        docs = _hub("allenai/c4", data_files={"train": C4_HUB_TRAIN}, split="train")
-    except Exception as err:
-        raise _unavailable("C4", C4_VALIDATION, data_root, err) from err
+    docs = _hub("C4", C4_VALIDATION, data_root, "allenai/c4", data_files={"train": C4_HUB_TRAIN}, split="train")
     return TextSource("c4-calib", docs, f"hub:allenai/c4:{C4_HUB_TRAIN}", "C4 en train shard 0")
 
 

@@ -30,8 +30,12 @@ class TokenStream:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the ids as little-endian int32: equal streams, equal fingerprints."""
-        return hashlib.sha256(self.ids.to(torch.int32).numpy().tobytes()).hexdigest()
+        return ids_fingerprint(self.ids)
+
+
+def ids_fingerprint(ids: torch.Tensor) -> str:
+    """sha256 of token ids as little-endian int32: equal ids, equal fingerprints."""
+    return hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
