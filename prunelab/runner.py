@@ -57,6 +57,16 @@ def preflight(cfg: DictConfig) -> tuple[Pattern, Any]:
     if cfg.eval.perplexity.enabled:
         for name in cfg.eval.perplexity.datasets:
             sources.check_available(name, cfg.data_root)
+    if cfg.eval.zeroshot.enabled:
+        from prunelab.eval.tasks.local_data import OfflineDataError
+        from prunelab.eval.zeroshot import ZeroShotError, check_zeroshot
+
+        try:
+            check_zeroshot(OmegaConf.to_container(cfg.eval.zeroshot, resolve=True))
+        except ZeroShotError as error:
+            raise ConfigError(str(error)) from error
+        except OfflineDataError as error:
+            raise sources.DataUnavailableError(str(error)) from error
     return pattern, method
 
 

