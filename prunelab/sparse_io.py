@@ -16,6 +16,7 @@ the round trip is bit-exact for every dtype.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -83,18 +85,13 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
             tuple(tensor.stride()), tensor.dtype)
 
 
-def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> dict:
-    """Write a bitmask-compressed safetensors file.
+def _compressed_plan(state: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor | None, int]], dict]:
+    """What :func:`save_compressed` stores: ``[(name, cpu tensor, nonzero mask or None, nnz)]`` and the metadata.
 
-    Args:
-        model_or_state_dict: a module (its ``state_dict()`` is saved) or a mapping name -> tensor.
-        path: the file to write (parent folders are created).
-
-    Returns:
-        A summary: ``{"path", "bytes", "tensors", "compressed", "dense", "aliases"}`` (counts of tensors).
+    A tensor with a mask is stored as bitmask + values; one without is stored as is; tied names
+    are aliases (not in the list).
     """
-    state = _state_dict_of(model_or_state_dict)
-    tensors: dict[str, torch.Tensor] = {}
+    plan: list[tuple[str, torch.Tensor, torch.Tensor | None, int]] = []
     compressed: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -113,12 +110,33 @@ def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Te
             mask = nonzero_mask(tensor)
             nnz = int(mask.sum())
             if compressed_nbytes(tensor.numel(), nnz, tensor.element_size()) < tensor.numel() * tensor.element_size():
-                tensors[name + BITMASK_SUFFIX] = pack_bits(mask)
-                tensors[name + VALUES_SUFFIX] = tensor.reshape(-1)[mask.reshape(-1)].clone()
+                plan.append((name, tensor, mask, nnz))
                 compressed[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                 continue
-        tensors[name] = tensor
+        plan.append((name, tensor, None, tensor.numel()))
     meta = {"format": FORMAT, "version": VERSION, "tensors": compressed, "aliases": aliases, "order": list(state)}
+    return plan, meta
+
+
+def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> dict:
+    """Write a bitmask-compressed safetensors file.
+
+    Args:
+        model_or_state_dict: a module (its ``state_dict()`` is saved) or a mapping name -> tensor.
+        path: the file to write (parent folders are created).
+
+    Returns:
+        A summary: ``{"path", "bytes", "tensors", "compressed", "dense", "aliases"}`` (counts of tensors).
+    """
+    state = _state_dict_of(model_or_state_dict)
+    plan, meta = _compressed_plan(state)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor, mask, _ in plan:
+        if mask is None:
+            tensors[name] = tensor
+        else:
+            tensors[name + BITMASK_SUFFIX] = pack_bits(mask)
+            tensors[name + VALUES_SUFFIX] = tensor.reshape(-1)[mask.reshape(-1)].clone()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
@@ -126,13 +144,68 @@ def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Te
         "path": path,
         "bytes": os.path.getsize(path),
         "tensors": len(state),
-        "compressed": len(compressed),
-        "dense": len(state) - len(compressed) - len(aliases),
-        "aliases": len(aliases),
+        "compressed": len(meta["tensors"]),
+        "dense": len(state) - len(meta["tensors"]) - len(meta["aliases"]),
+        "aliases": len(meta["aliases"]),
     }
     log.info("wrote %s: %d bytes (%d compressed, %d dense tensors)", path, summary["bytes"], summary["compressed"],
              summary["dense"])
     return summary
+
+
+def compressed_file_bytes(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> int:
+    """Size in bytes of the file :func:`save_compressed` would write, computed without writing it."""
+    plan, meta = _compressed_plan(_state_dict_of(model_or_state_dict))
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name, tensor, mask, nnz in plan:
+        if mask is None:
+            entries[name] = (tensor.dtype, tuple(tensor.shape))
+        else:
+            entries[name + BITMASK_SUFFIX] = (torch.uint8, (math.ceil(tensor.numel() / 8),))
+            entries[name + VALUES_SUFFIX] = (tensor.dtype, (nnz,))
+    return safetensors_file_bytes(entries, {METADATA_KEY: json.dumps(meta)})
+
+
+@functools.cache
+def _safetensors_dtypes() -> dict[torch.dtype, tuple[int, str]]:
+    """``{torch dtype: (rank, safetensors name)}``: the order in which safetensors lays tensors out.
+
+    Read from the installed safetensors itself (one element of each dtype serialized in memory),
+    so a change of its layout rules shows up here rather than as a wrong byte count.
+    """
+    candidates = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool]
+    probe = {f"t{i}": torch.zeros(1, dtype=dtype) for i, dtype in enumerate(candidates)}
+    raw = safetensors_save(probe)
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    order = sorted((info["data_offsets"][0], key) for key, info in header.items() if key != "__metadata__")
+    return {candidates[int(key[1:])]: (rank, header[key]["dtype"]) for rank, (_, key) in enumerate(order)}
+
+
+def safetensors_file_bytes(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                           metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes of the safetensors file holding tensors of these dtypes and shapes, computed without writing.
+
+    The layout is safetensors': 8 bytes of header length, the JSON header (``__metadata__`` first,
+    then each tensor's dtype, shape and data offsets; tensors ordered by dtype as safetensors orders
+    them, then by name) padded with spaces to a multiple of 8, then the tensor data.
+
+    Raises:
+        KeyError: a dtype outside the usual float, int and bool types (write the file instead).
+    """
+    dtypes = _safetensors_dtypes()
+    unknown = {str(dtype) for dtype, _ in entries.values() if dtype not in dtypes}
+    if unknown:
+        raise KeyError(f"no computed safetensors layout for dtypes {sorted(unknown)}")
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(entries, key=lambda n: (dtypes[entries[n][0]][0], n)):
+        dtype, shape = entries[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": dtypes[dtype][1], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + text + (-text) % 8 + offset
 
 
 def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

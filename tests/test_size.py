@@ -213,3 +213,66 @@ def test_alternating_layer_types_cap_only_sliding_layers() -> None:
                          layer_types=["full_attention", "sliding_attention"])
     model = Qwen2ForCausalLM(config)
     assert flops_per_token(model, 100)["attention"] == 4 * NH * HD * (100 + 16)
+
+
+# ------------------------------------------------------------------------- computed vs written file bytes
+def _sparsify(model: torch.nn.Module, sparsity: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in prunable_linears(model).values():
+            module.weight[torch.rand(module.weight.shape, generator=gen) < sparsity] = 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_computed_disk_bytes_equal_the_written_files(tie: bool, dtype: torch.dtype, sparsity: float, tmp_path) -> None:
+    from prunelab.eval.size import dense_bytes, dense_file_bytes
+    from prunelab.sparse_io import compressed_file_bytes
+
+    model = tiny_llama(tie).to(dtype)
+    _sparsify(model, sparsity)
+    assert dense_file_bytes(model) == dense_bytes(model, tmp_path)
+    written = save_compressed(model, tmp_path / "c.safetensors")["bytes"]
+    assert compressed_file_bytes(model) == written == os.path.getsize(tmp_path / "c.safetensors")
+
+
+def test_computed_disk_bytes_of_gpt2_with_buffers_and_mixed_dtypes(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prunelab.eval.size import dense_bytes, dense_file_bytes
+    from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
+    _sparsify(model, 0.6)
+    model.register_buffer("step_count", torch.tensor([3, 4], dtype=torch.int64))  # a non-float entry
+    assert dense_file_bytes(model) == dense_bytes(model, tmp_path)
+    assert compressed_file_bytes(model) == save_compressed(model, tmp_path / "c.safetensors")["bytes"]
+    # every dtype safetensors lays out, names in any order, with and without metadata
+    tensors = {f"z{i}.{dtype}": torch.zeros(i + 3, 2, dtype=dtype) for i, dtype in enumerate(
+        [torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+         torch.float32, torch.float64, torch.int64])}
+    for metadata in (None, {"note": 'quotes " and \\ backslash, ünïcode'}):
+        save_file(tensors, tmp_path / "all.safetensors", metadata=metadata)
+        computed = safetensors_file_bytes({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
+        assert computed == os.path.getsize(tmp_path / "all.safetensors")
+
+
+def test_measure_size_computes_without_writing_and_agrees_with_write_mode(tmp_path) -> None:
+    model = tiny_llama(tie=True)
+    _sparsify(model, 0.5)
+
+    class Computed:
+        save_compressed = False
+        disk = "compute"
+
+    class Written(Computed):
+        disk = "write"
+
+    computed = measure_size(model, Computed(), out_dir=tmp_path / "c", context_len=16)
+    written = measure_size(model, Written(), out_dir=tmp_path / "w", context_len=16)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing written
+    for key in ("dense_bytes", "compressed_bytes", "ratio"):
+        assert computed["disk"][key] == written["disk"][key]
+    assert computed["disk"]["measured_by"] != written["disk"]["measured_by"]

@@ -92,6 +92,7 @@ class LatencyConfig:
 class SizeConfig:
     enabled: bool = True
     save_compressed: bool = False  # also write the bitmask-compressed safetensors into the run folder
+    disk: str = "compute"  # compute: bytes of both saves from shapes and non-zero counts; write: save both to a temp folder
 
 
 @dataclass
@@ -148,6 +149,7 @@ KNOWN_DTYPES = ("float32", "bfloat16", "float16", "auto")
 KNOWN_LOGGERS = ("wandb", "none")
 KNOWN_WANDB_MODES = ("offline", "online", "disabled")
 KNOWN_MODEL_SOURCES = ("hf", "gguf_package")
+KNOWN_SIZE_DISK_MODES = ("compute", "write")
 
 
 def register() -> None:
@@ -224,6 +226,7 @@ def validate(cfg: DictConfig) -> Pattern:
     if cfg.eval.zeroshot.limit is not None:
         _positive(cfg.eval.zeroshot.limit, "eval.zeroshot.limit")
 
+    _choice(cfg.eval.size.disk, KNOWN_SIZE_DISK_MODES, "eval.size.disk")
     _choice(cfg.logger.name, KNOWN_LOGGERS, "logger.name")
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
     device = str(cfg.device)

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from prunelab.sparse_io import save_compressed
+from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes, save_compressed
 
 log = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "model.compressed.safetensors"
+DISK_MODES = ("compute", "write")
 FLOPS_COUNTING = (
     "forward FLOPs for one token = 2 x non-zero multiply-accumulates of every Linear weight (lm_head included; "
     "biases, norms, activations, rotary, softmax and the embedding lookup ignored) + attention 2 x 2 x n_heads x "
@@ -141,13 +142,33 @@ def dense_bytes(model: nn.Module, folder: str | os.PathLike) -> int:
     return os.path.getsize(path)
 
 
+def dense_file_bytes(model: nn.Module) -> int:
+    """Bytes :func:`dense_bytes` would write, computed without writing.
+
+    Follows ``save_model``: tied weights are stored once under the name safetensors keeps, and each
+    dropped name goes into the metadata.
+    """
+    from safetensors.torch import _remove_duplicate_names  # the choice save_model itself makes
+
+    state = model.state_dict()
+    metadata: dict[str, str] = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    entries = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()}
+    return safetensors_file_bytes(entries, metadata or None)
+
+
 def measure_size(model: nn.Module, cfg: Any = None, out_dir: str | os.PathLike | None = None,
                  context_len: int = 2048) -> dict[str, Any]:
     """Parameter counts, bytes on disk and FLOPs per token of a (pruned) model.
 
     Args:
         model: the model.
-        cfg: ``SizeConfig`` (``save_compressed``: keep the compressed file in ``out_dir``); None = defaults.
+        cfg: ``SizeConfig`` (``save_compressed``: keep the compressed file in ``out_dir``; ``disk``:
+            ``compute`` the bytes of both saves from the tensors' shapes, dtypes and non-zero counts,
+            or ``write`` both files into a temporary folder and read their sizes); None = defaults.
         out_dir: the run folder; temporary files are written in a temporary folder inside it (or the system's).
         context_len: keys attended by the token whose FLOPs are counted (use the evaluation seqlen).
 
@@ -155,21 +176,29 @@ def measure_size(model: nn.Module, cfg: Any = None, out_dir: str | os.PathLike |
         ``{"params", "disk": {"dense_bytes", "compressed_bytes", "ratio", "compressed_path"}, "flops_per_token"}``.
     """
     keep = bool(getattr(cfg, "save_compressed", False)) if cfg is not None else False
+    how = str(getattr(cfg, "disk", "compute")) if cfg is not None else "compute"
+    if how not in DISK_MODES:
+        raise ValueError(f"size.disk={how!r} is not valid; use one of {', '.join(DISK_MODES)}")
     if keep and out_dir is None:
         raise ValueError("size.save_compressed=true needs a run folder (out_dir) to write the compressed model into")
     params = count_parameters(model)
     flops = flops_per_token(model, context_len)
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".size-") as tmp:
-        dense = dense_bytes(model, tmp)
-        target = os.path.join(out_dir, COMPRESSED_FILE) if keep else os.path.join(tmp, COMPRESSED_FILE)
-        compressed = save_compressed(model, target)["bytes"]
+    target = os.path.join(out_dir, COMPRESSED_FILE) if keep else None
+    if how == "compute":
+        dense = dense_file_bytes(model)
+        compressed = save_compressed(model, target)["bytes"] if keep else compressed_file_bytes(model)
+    else:
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".size-") as tmp:
+            dense = dense_bytes(model, tmp)
+            compressed = save_compressed(model, target or os.path.join(tmp, COMPRESSED_FILE))["bytes"]
     disk = {
         "dense_bytes": dense,
         "compressed_bytes": compressed,
         "ratio": compressed / dense,
-        "compressed_path": target if keep else None,
+        "compressed_path": target,
+        "measured_by": "written files" if how == "write" else "computed safetensors layout (no file written)",
         "format": "safetensors (dense) vs bitmask + non-zero values (prunelab.sparse_io)",
     }
     log.info("size: %d/%d non-zero params (%.1f%% sparse), disk %d -> %d bytes (x%.3f), %.3g FLOPs/token at %d",
