@@ -306,7 +306,7 @@ class LayerwisePruner:
             stats: Mapping[str, InputStats | None] = {}
             if hidden is not None:
                 last = index == self.adapter.num_layers - 1
-                collector = _StatsCollector(modules, self.method.needs, self.device)
+                collector = _StatsCollector(modules, self.method.outlier_needs, self.device)
                 with self.timer("owl_prepass"), _input_only(self._last_linear(modules, index) if last else None):
                     hidden = self._forward(layer, hidden, captured.calls[index], collector, keep_outputs=not last)
                 collector.remove()

@@ -55,6 +55,9 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()  # which InputStats the engine must collect
+    # which InputStats OWL's outlier pre-pass collects for outlier_scores (when the run calibrates):
+    # ‖X‖² is enough for |W|·‖X‖, so no method pays for a Hessian twice
+    outlier_needs: ClassVar[frozenset[str]] = frozenset({SQ_NORM})
 
     def __init__(self, **params: Any):
         self.params = params

@@ -164,7 +164,11 @@ class SparseGPTPruning(PruningMethod):
         return PruneResult(weight=new_weight, mask=mask)
 
     def outlier_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
-        """|W|·‖X‖ with ‖X_j‖² read off diag H (SparseGPT collects no sq_norm)."""
+        """|W|·‖X‖; given a Hessian (and no sq_norm), ‖X_j‖² is read off diag H up to its constant scale.
+
+        OWL's pre-pass collects only ‖X‖² (``outlier_needs``); the Hessian path serves callers that
+        hold SparseGPT's own statistics.
+        """
         if stats is not None and stats.hessian is not None:
             norms = torch.diagonal(stats.hessian).to(weight.device, torch.float32).clamp_min(0).sqrt()
             return weight.abs().float() * norms.unsqueeze(0)
