@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from prunelab.config.schema import KNOWN_SIZE_DISK_MODES
 from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes, save_compressed
 
 log = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "model.compressed.safetensors"
-DISK_MODES = ("compute", "write")
+DISK_MODES = KNOWN_SIZE_DISK_MODES  # one list: the config check and this function agree
 FLOPS_COUNTING = (
     "forward FLOPs for one token = 2 x non-zero multiply-accumulates of every Linear weight (lm_head included; "
     "biases, norms, activations, rotary, softmax and the embedding lookup ignored) + attention 2 x 2 x n_heads x "
