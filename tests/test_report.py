@@ -168,3 +168,27 @@ def test_cell_merging_different_configs_is_flagged(sweep: Path, tmp_path: Path) 
     markdown = build_report(sweep, tmp_path / "r", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
     assert "wanda @ 2:4 averages runs whose configs differ in calib.nsamples (5, 6)" in markdown
     assert "differ in seed" not in markdown
+
+
+def test_layer_sparsity_panels_group_by_method_and_name_repeats(tmp_path: Path) -> None:
+    from prunelab.report import Run
+    from prunelab.report.plots import layer_sparsity_panels, plot_layer_sparsity
+
+    runs = [
+        Run("a", _results("wanda", 0.7, "unstructured", {}, allocation="owl", per_layer=[0.6, 0.8])),
+        Run("b", _results("sparsegpt", 0.5, "2:4", {}, per_layer=[0.5, 0.5])),
+        Run("c", _results("wanda", 0.5, "unstructured", {}, per_layer=[0.5, 0.5])),
+        Run("d", _results("wanda", 0.7, "unstructured", {}, per_layer=[0.7, 0.7])),
+        Run("e", _results("magnitude", 0.5, "unstructured", {}, seed=0, per_layer=[0.5, 0.5])),
+        Run("f", _results("magnitude", 0.5, "unstructured", {}, seed=1, per_layer=[0.5, 0.5])),
+    ]
+    panels = layer_sparsity_panels(runs)
+    # Panels in the tables' method order; inside one, targets ascending and uniform before OWL.
+    assert list(panels) == ["magnitude", "sparsegpt", "wanda"]
+    assert [(label, run.name) for label, run in panels["wanda"]] == [("50%", "c"), ("70%", "d"), ("70% + owl", "a")]
+    assert [label for label, _ in panels["sparsegpt"]] == ["2:4"]
+    # Two seeds of one cell would share a legend entry: the folder tells them apart.
+    assert [label for label, _ in panels["magnitude"]] == ["50% (e)", "50% (f)"]
+    out = plot_layer_sparsity(runs, "t", tmp_path / "layers.png")
+    assert out is not None and out.stat().st_size > 0
+    assert plot_layer_sparsity([Run("g", _results("dense", 0.0, "unstructured", {}))], "t", tmp_path / "x.png") is None

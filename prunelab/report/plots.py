@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from prunelab.report.tables import row_sort_key, col_label, row_label  # noqa: E402
+from prunelab.report.tables import col_label, col_sort_key, row_label, row_sort_key  # noqa: E402
 
 if TYPE_CHECKING:
     from prunelab.report import Run
@@ -72,24 +72,60 @@ def plot_ppl_vs_sparsity(runs: list["Run"], dataset: str, title: str, path: Path
     return path
 
 
+def layer_sparsity_panels(runs: list["Run"]) -> dict[str, list[tuple[str, "Run"]]]:
+    """The per-layer plot's layout: method -> [(legend label, run)], methods and lines in table order.
+
+    A label is the target plus the allocation when it is not uniform (``60% + owl``); labels that
+    would repeat within a panel (seeds, or other swept keys) get the run's folder appended.
+    """
+    by_method: dict[str, list["Run"]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    panels = {}
+    for method in sorted(by_method, key=row_sort_key):
+        group = sorted(by_method[method], key=lambda r: (col_sort_key(col_label(r)), r.allocation != "uniform",
+                                                         r.allocation, r.name))
+        labels = [col_label(r) + ("" if r.allocation in ("", "uniform") else f" + {r.allocation}") for r in group]
+        panels[method] = [(f"{label} ({run.name})" if labels.count(label) > 1 else label, run)
+                          for label, run in zip(labels, group)]
+    return panels
+
+
 def plot_layer_sparsity(runs: list["Run"], title: str, path: Path) -> Path | None:
-    """One line per run: achieved sparsity of each decoder layer. None when no run recorded it."""
+    """Achieved sparsity of each decoder layer: one panel per method, one line per run.
+
+    Within a panel the colour names the target (50%, 2:4, ...) and the line style the allocation
+    (solid uniform, dashed otherwise), so a run with OWL sits next to its uniform twin. The legend
+    goes below each panel, never over the curves. None when no run recorded per-layer sparsity.
+    """
     runs = [run for run in runs if run.layer_sparsity]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in sorted(runs, key=lambda r: (row_sort_key(row_label(r)), col_label(r), r.name)):
-        layers = run.layer_sparsity
-        ax.plot(list(layers), [100 * v for v in layers.values()], marker=".",
-                label=f"{row_label(run)} @ {col_label(run)} ({run.name})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("achieved sparsity (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2 if len(runs) > 8 else 1)
+    panels = layer_sparsity_panels(runs)
+    targets = sorted({col_label(run) for run in runs}, key=col_sort_key)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {target: palette[i % len(palette)] for i, target in enumerate(targets)}
+    styles = ["-", "--", ":", "-."]
+    allocations = sorted({run.allocation for run in runs}, key=lambda a: (a != "uniform", a))
+    style = {alloc: styles[i % len(styles)] for i, alloc in enumerate(allocations)}
+    most = max(len(lines) for lines in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.16 * most),
+                             sharey=True, squeeze=False)
+    for ax, (method, lines) in zip(axes[0], panels.items()):
+        for label, run in lines:
+            layers = run.layer_sparsity
+            ax.plot(list(layers), [100 * v for v in layers.values()], marker=".", markersize=3,
+                    linewidth=1.2, color=color[col_label(run)], linestyle=style[run.allocation], label=label)
+        ax.set_title(method, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False,
+                  ncol=2 if len(lines) > 4 else 1)
+    axes[0][0].set_ylabel("achieved sparsity (%)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
