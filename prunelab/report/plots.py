@@ -30,10 +30,12 @@ def _slug(text: str) -> str:
 def plot_ppl_vs_sparsity(runs: list["Run"], dataset: str, title: str, path: Path) -> Path | None:
     """Lines: unstructured runs of each method (+ allocation); markers: N:M runs; dashed line: dense.
 
-    Runs that share a point (seeds) are averaged. Returns None when no run has this dataset.
+    A method keeps one colour; a non-uniform allocation (OWL) draws its line dashed, and each N:M
+    pattern has its own marker. The legend sits right of the axes. Runs that share a point (seeds)
+    are averaged. Returns None when no run has this dataset.
     """
-    lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    nm_points: dict[tuple[str, str], list[float]] = defaultdict(list)
+    lines: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    nm_points: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     dense: list[float] = []
     for run in runs:
         ppl = run.ppl(dataset)
@@ -42,32 +44,38 @@ def plot_ppl_vs_sparsity(runs: list["Run"], dataset: str, title: str, path: Path
         if run.method == "dense":
             dense.append(ppl)
         elif run.pattern not in ("", "unstructured"):
-            nm_points[(row_label(run), run.pattern)].append(ppl)
+            nm_points[(run.method, row_label(run), run.pattern)].append(ppl)
         else:
-            lines[row_label(run)][100 * run.sparsity].append(ppl)
+            lines[(run.method, row_label(run))][100 * run.sparsity].append(ppl)
     if not (lines or nm_points or dense):
         return None
-    methods = sorted(set(lines) | {label for label, _ in nm_points}, key=row_sort_key)
+    methods = sorted({m for m, _ in lines} | {m for m, _, _ in nm_points}, key=row_sort_key)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {label: palette[i % len(palette)] for i, label in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in sorted(lines, key=row_sort_key):
-        xs = sorted(lines[label])
-        ax.plot(xs, [statistics.fmean(lines[label][x]) for x in xs], marker="o", color=color[label], label=label)
-    for (label, pattern), values in sorted(nm_points.items()):
+    color = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+    patterns = sorted({p for _, _, p in nm_points}, key=col_sort_key)
+    markers = ["s", "D", "^", "v", "P", "X"]
+    marker = {p: markers[i % len(markers)] for i, p in enumerate(patterns)}
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for method, label in sorted(lines, key=lambda key: row_sort_key(key[1])):
+        points = lines[(method, label)]
+        xs = sorted(points)
+        ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", color=color[method],
+                linestyle="-" if label == method else "--", label=label)
+    for (method, label, pattern), values in sorted(nm_points.items(), key=lambda kv: (row_sort_key(kv[0][1]),
+                                                                                       col_sort_key(kv[0][2]))):
         n, m = (int(x) for x in pattern.split(":"))
-        ax.scatter([100 * n / m], [statistics.fmean(values)], marker="s", s=50, color=color[label],
+        ax.scatter([100 * n / m], [statistics.fmean(values)], marker=marker[pattern], s=50, color=color[method],
                    edgecolors="black", label=f"{label} {pattern}", zorder=3)
     if dense:
-        ax.axhline(statistics.fmean(dense), color="black", linestyle="--", linewidth=1, label="dense")
+        ax.axhline(statistics.fmean(dense), color="black", linestyle=":", linewidth=1, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel(f"perplexity ({dataset})")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
