@@ -28,7 +28,7 @@ def _slug(text: str) -> str:
 
 
 def plot_ppl_vs_sparsity(runs: list["Run"], dataset: str, title: str, path: Path) -> Path | None:
-    """Lines: unstructured runs of each method (+ allocation); markers: N:M runs; dashed line: dense.
+    """Lines: unstructured runs of each method (+ allocation); markers: N:M runs; dotted line: dense.
 
     A method keeps one colour; a non-uniform allocation (OWL) draws its line dashed, and each N:M
     pattern has its own marker. The legend sits right of the axes. Runs that share a point (seeds)
