@@ -17,7 +17,6 @@ from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes, sa
 log = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "model.compressed.safetensors"
-DISK_MODES = KNOWN_SIZE_DISK_MODES  # one list: the config check and this function agree
 FLOPS_COUNTING = (
     "forward FLOPs for one token = 2 x non-zero multiply-accumulates of every Linear weight (lm_head included; "
     "biases, norms, activations, rotary, softmax and the embedding lookup ignored) + attention 2 x 2 x n_heads x "
@@ -178,8 +177,8 @@ def measure_size(model: nn.Module, cfg: Any = None, out_dir: str | os.PathLike |
     """
     keep = bool(getattr(cfg, "save_compressed", False)) if cfg is not None else False
     how = str(getattr(cfg, "disk", "compute")) if cfg is not None else "compute"
-    if how not in DISK_MODES:
-        raise ValueError(f"size.disk={how!r} is not valid; use one of {', '.join(DISK_MODES)}")
+    if how not in KNOWN_SIZE_DISK_MODES:
+        raise ValueError(f"size.disk={how!r} is not valid; use one of {', '.join(KNOWN_SIZE_DISK_MODES)}")
     if keep and out_dir is None:
         raise ValueError("size.save_compressed=true needs a run folder (out_dir) to write the compressed model into")
     params = count_parameters(model)
