@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from prunelab.report.tables import col_label, col_sort_key, row_label, row_sort_key  # noqa: E402
+from prunelab.report.tables import allocation_suffix, col_label, col_sort_key, row_label, row_sort_key  # noqa: E402
 
 if TYPE_CHECKING:
     from prunelab.report import Run
@@ -93,7 +93,7 @@ def layer_sparsity_panels(runs: list["Run"]) -> dict[str, list[tuple[str, "Run"]
     for method in sorted(by_method, key=row_sort_key):
         group = sorted(by_method[method], key=lambda r: (col_sort_key(col_label(r)), r.allocation != "uniform",
                                                          r.allocation, r.name))
-        labels = [col_label(r) + ("" if r.allocation in ("", "uniform") else f" + {r.allocation}") for r in group]
+        labels = [col_label(r) + allocation_suffix(r) for r in group]
         panels[method] = [(f"{label} ({run.name})" if labels.count(label) > 1 else label, run)
                           for label, run in zip(labels, group)]
     return panels

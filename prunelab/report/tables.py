@@ -40,11 +40,16 @@ class Table:
 
 
 # ------------------------------------------------------------------------------------------ row / column
+def allocation_suffix(run: "Run") -> str:
+    """`` + owl`` for a non-uniform allocation, empty for uniform allocation and for the dense model."""
+    if run.method == "dense" or run.allocation in (None, "", "uniform"):
+        return ""
+    return f" + {run.allocation}"
+
+
 def row_label(run: "Run") -> str:
     """Method name, plus the allocation when it is not uniform (e.g. ``wanda + owl``)."""
-    if run.method == "dense" or run.allocation in (None, "", "uniform"):
-        return run.method
-    return f"{run.method} + {run.allocation}"
+    return run.method + allocation_suffix(run)
 
 
 def format_sparsity(sparsity: float) -> str:
