@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cache_reuse import USER_CACHE, link_user_model_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +27,15 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """PRUNELAB_CACHE when set (CI sets it, so the model is converted once per run), else a temp dir."""
+def cache_dir(tmp_path_factory, default_model_cfg) -> Path:
+    """PRUNELAB_CACHE when set (CI sets it, so the model is converted once per run), else a temp dir
+    that reuses, read-only, a verified conversion of the default model from the user's cache."""
     configured = os.environ.get("PRUNELAB_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("prunelab-cache")
+    if configured:
+        return Path(configured)
+    folder = tmp_path_factory.mktemp("prunelab-cache")
+    link_user_model_cache(folder, USER_CACHE, default_model_cfg)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def test_packaged_gguf_is_found_and_matches_its_checksum(default_model_cfg):
 
 
 def test_converted_default_model_loads_from_cache_and_matches_its_architecture(default_model_cfg, default_model_dir, cache_dir):
-    assert (default_model_dir / "model.safetensors").is_file() and (default_model_dir / "SOURCE").is_file()
+    assert (default_model_dir / "model.safetensors").is_file() and (default_model_dir / "MANIFEST.json").is_file()
     start = time.perf_counter()
     model, tokenizer = load_model(default_model_cfg, "cpu", cache_dir)
     elapsed = time.perf_counter() - start
@@ -38,9 +38,9 @@ def test_default_model_predicts_real_text(default_model_cfg, cache_dir):
 
 def test_wrong_checksum_is_refused(default_model_cfg, tmp_path):
     cfg = dict(default_model_cfg, sha256="0" * 64)
-    with pytest.raises(ModelLoadError, match="expected 0000"):
+    with pytest.raises(ModelLoadError, match="expected model.sha256=0000"):
         prepare_packaged_model(cfg, tmp_path)
-    assert not any((tmp_path / "models").glob("*/SOURCE")) if (tmp_path / "models").exists() else True
+    assert not any((tmp_path / "models").glob("*/MANIFEST.json")) if (tmp_path / "models").exists() else True
 
 
 def test_missing_package_says_what_to_install():

@@ -3,6 +3,11 @@
 ``random.seed(seed)``; for each of ``nsamples`` windows pick random documents until one is longer
 than ``seqlen`` tokens, then a random ``seqlen`` window of it. A single-stream source (WikiText-2
 train) is treated as one long document.
+
+The windows are cached in ``<cache_dir>/calib/<key>.pt`` together with their key and fingerprint;
+a cached file is used only when it loads with ``weights_only=True`` and its key, shape
+``(nsamples, seqlen)``, dtype int64 and fingerprint all check out. Any other file is named in a
+warning and rebuilt (sampled again and atomically replaced).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import random
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +28,7 @@ from prunelab.data.tokens import ids_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the file holds {key, fingerprint, windows}, not a bare tensor
 
 
 class CalibrationError(ValueError):
@@ -73,24 +79,62 @@ def cache_key(source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: i
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def load_cached_windows(path: Path, key: str, nsamples: int, seqlen: int) -> torch.Tensor | None:
+    """The windows cached in ``path`` when every check passes, else None (with a warning naming the file)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, weights_only=True)
+    except Exception as err:  # torch.load raises many types on a damaged or foreign file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        log.warning("calibration cache %s is unreadable (%s); sampling the windows again", path, reason)
+        return None
+    problem = _cache_problem(stored, key, nsamples, seqlen)
+    if problem:
+        log.warning("calibration cache %s %s; sampling the windows again", path, problem)
+        return None
+    return stored["windows"]
+
+
+def _cache_problem(stored: Any, key: str, nsamples: int, seqlen: int) -> str | None:
+    if not isinstance(stored, dict) or not isinstance(stored.get("windows"), torch.Tensor):
+        return "does not hold {key, fingerprint, windows}"
+    windows = stored["windows"]
+    if stored.get("key") != key:
+        return f"belongs to key {stored.get('key')!r}, not {key!r}"
+    if tuple(windows.shape) != (nsamples, seqlen) or windows.dtype != torch.int64:
+        return f"holds {windows.dtype} {tuple(windows.shape)}, expected torch.int64 {(nsamples, seqlen)}"
+    if stored.get("fingerprint") != ids_fingerprint(windows):
+        return "holds windows that do not match their recorded fingerprint"
+    return None
+
+
+def save_cached_windows(path: Path, key: str, windows: torch.Tensor) -> None:
+    """Write the windows with their key and fingerprint, atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        torch.save({"key": key, "fingerprint": ids_fingerprint(windows), "windows": windows}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def get_calibration(
     tokenizer, calib_cfg: Mapping[str, Any], data_root: str | os.PathLike | None, cache_dir: str | os.PathLike | None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Build (or load from cache) the calibration windows and a record of how they were made."""
+    """Build (or load from a checked cache) the calibration windows and a record of how they were made."""
     source = calibration_source(calib_cfg["source"], data_root)
     nsamples, seqlen, seed = int(calib_cfg["nsamples"]), int(calib_cfg["seqlen"]), int(calib_cfg["seed"])
     key = cache_key(source, tokenizer, nsamples, seqlen, seed)
     path = Path(cache_dir).expanduser() / "calib" / f"{key}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        windows = torch.load(path)
+    windows = load_cached_windows(path, key, nsamples, seqlen) if path is not None else None
+    if windows is not None:
         log.info("calibration: %d x %d tokens from cache %s", nsamples, seqlen, path)
     else:
         windows = sample_windows(source, tokenizer, nsamples, seqlen, seed)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(windows, tmp)
-            os.replace(tmp, path)
+            save_cached_windows(path, key, windows)
         log.info("calibration: sampled %d x %d tokens from %s", nsamples, seqlen, source.description)
     record = {
         "source": source.name,

