@@ -6,6 +6,8 @@ A local data root is laid out like ``shared/data``::
     c4/c4-validation-2k.parquet                              # 2,000 C4 en validation documents
 
 C4 documents 0-1099 are for evaluation and 1100+ for calibration, so the two never overlap.
+A local file must be a readable parquet file with a string ``text`` column; :func:`check_available` reads its
+footer (schema) before any model loads, so a truncated or wrong file stops a run in seconds.
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ def _local(data_root: str | os.PathLike | None, relative: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded and made absolute, for messages a person acts on."""
+    return Path(path).expanduser().resolve()
+
+
 def _unavailable(what: str, relative: Path, data_root: str | os.PathLike | None, err: Exception | None) -> DataUnavailableError:
-    where = f"{Path(data_root).expanduser() / relative} does not exist" if data_root else "no data root is set"
+    where = f"{_absolute(data_root) / relative} does not exist" if data_root else "no data root is set"
     reason = f"; the hub failed too: {type(err).__name__}: {err}" if err else ""
     return DataUnavailableError(
         f"{what} is not available: {where}{reason}. Set PRUNELAB_DATA (or data_root=...) to a folder laid out "
@@ -73,10 +80,52 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _read_parquet_column(path: Path, column: str = "text") -> list[str]:
+_FIX_HINT = "replace it with a good copy or point PRUNELAB_DATA (or data_root=...) at a folder laid out like shared/data"
+
+
+def _bad_file(path: Path, problem: str) -> DataUnavailableError:
+    return DataUnavailableError(f"{_absolute(path)} {problem}; {_FIX_HINT}")
+
+
+def _is_text_type(dtype: "pyarrow.DataType") -> bool:
+    """Arrow string types (plain, large, view, or dictionary-encoded strings)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or str(dtype) == "string_view"
+
+
+def check_parquet(path: Path, column: str = "text") -> None:
+    """Read only the footer of ``path`` and check it holds a string ``column``.
+
+    Raises:
+        DataUnavailableError: naming the absolute path and what is wrong.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=[column]).column(column).to_pylist()
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise _bad_file(path, f"is not a readable parquet file ({type(err).__name__}: {err})") from err
+    if column not in schema.names:
+        raise _bad_file(path, f"has no {column!r} column (its columns: {', '.join(schema.names) or 'none'})")
+    dtype = schema.field(column).type
+    if not _is_text_type(dtype):
+        raise _bad_file(path, f"has a {column!r} column of type {dtype}, not a string type")
+
+
+def _read_parquet_column(path: Path, column: str = "text") -> list[str]:
+    """All values of ``column``; a bad file raises DataUnavailableError naming it, not a pyarrow error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_parquet(path, column)
+    try:
+        return pq.read_table(path, columns=[column]).column(column).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise _bad_file(path, f"could not be read ({type(err).__name__}: {err})") from err
 
 
 def _hub(what: str, relative: Path, data_root: str | os.PathLike | None, *args, **kwargs) -> list[str]:
@@ -92,7 +141,8 @@ def _hub(what: str, relative: Path, data_root: str | os.PathLike | None, *args, 
 
 
 def check_available(name: str, data_root: str | os.PathLike | None, purpose: str = "eval") -> None:
-    """Fail fast (before a model loads) when a source has no local file and the hub is off."""
+    """Fail fast (before a model loads) when a source has no local file and the hub is off, or its local file is
+    not a parquet file with a string ``text`` column (only the footer is read)."""
     if purpose == "calib" and name == "wikitext2":
         if hub_offline() or not hub_reachable():
             raise DataUnavailableError(
@@ -101,7 +151,10 @@ def check_available(name: str, data_root: str | os.PathLike | None, purpose: str
             )
         return
     relative = WIKITEXT2_TEST if name == "wikitext2" else C4_VALIDATION
-    if _local(data_root, relative) is None and (hub_offline() or not hub_reachable()):
+    path = _local(data_root, relative)
+    if path is not None:
+        check_parquet(path)
+    elif hub_offline() or not hub_reachable():
         raise _unavailable(name, relative, data_root, None)
 
 
