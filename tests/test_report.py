@@ -1,14 +1,19 @@
-"""The sweep report on a synthetic Hydra multirun folder whose numbers are known."""
+"""The sweep report on synthetic Hydra multirun folders whose numbers and grids are known (and one real multirun)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from prunelab.report import build_report, collect_runs
 from prunelab.report.__main__ import main
+from prunelab.report.grid import check_grids
 
 FP = "sha256:" + "ab" * 32
 
@@ -192,3 +197,140 @@ def test_layer_sparsity_panels_group_by_method_and_name_repeats(tmp_path: Path) 
     out = plot_layer_sparsity(runs, "t", tmp_path / "layers.png")
     assert out is not None and out.stat().st_size > 0
     assert plot_layer_sparsity([Run("g", _results("dense", 0.0, "unstructured", {}))], "t", tmp_path / "x.png") is None
+
+
+# ------------------------------------------------------------------------------ failed and never-launched jobs
+def _multirun_yaml(sweep: Path, task: list[str], sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                   params: dict | None = None) -> None:
+    """What Hydra's basic sweeper saves before launching (only the keys the report reads, plus an unresolvable one)."""
+    from omegaconf import OmegaConf
+
+    sweep.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create({
+        "hydra": {"sweep": {"dir": str(sweep), "subdir": "${hydra.job.num}_${method.name}_${sparsity}"},
+                  "sweeper": {"_target_": sweeper, "max_batch_size": None, "params": params},
+                  "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task}},
+        "sparsity": 0.5, "data_root": "${oc.env:NO_SUCH_VARIABLE_FOR_THE_REPORT}",
+    }), sweep / "multirun.yaml")
+
+
+@pytest.fixture
+def killed_sweep(tmp_path: Path) -> Path:
+    """A 2 x 2 grid (+ a fixed override) killed after two jobs: one complete, one failed, two never launched."""
+    root = tmp_path / "killed"
+    _multirun_yaml(root, ["method=magnitude,wanda", "sparsity=0.3,0.5", "logger=none"])
+    _job(root, "0_magnitude_0.3", _results("magnitude", 0.3, "unstructured", {"wikitext2": 25.0}),
+         overrides=["method=magnitude", "sparsity=0.3", "logger=none"])
+    _job(root, "1_magnitude_0.5", overrides=["method=magnitude", "sparsity=0.5", "logger=none"],
+         failed={"status": "failed", "phase": "prune", "error": "RuntimeError: N:M check failed after pruning",
+                 "traceback": ["Traceback (most recent call last):\n", "RuntimeError: N:M check failed\n"]})
+    return root
+
+
+def test_failed_job_shows_its_phase_error_and_overrides(killed_sweep: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        markdown = build_report(killed_sweep, tmp_path / "r", plots=False)["markdown"].read_text()
+    section = markdown.split("## Incomplete runs", 1)[1].split("## Never launched", 1)[0]
+    line = next(line for line in section.splitlines() if "1_magnitude_0.5" in line)
+    assert "failed during prune: RuntimeError: N:M check failed after pruning" in line
+    assert "method=magnitude sparsity=0.5 logger=none" in line
+    assert "incomplete run 1_magnitude_0.5: failed during prune" in caplog.text
+
+
+def test_never_launched_jobs_of_the_grid_are_listed(killed_sweep: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        result = build_report(killed_sweep, tmp_path / "r", plots=False)
+    # Hydra numbers jobs in the order of the cartesian product, the last override varying fastest.
+    assert [(job.num, job.overrides) for job in result["never_launched"]] == [
+        (2, ("method=wanda", "sparsity=0.3", "logger=none")),
+        (3, ("method=wanda", "sparsity=0.5", "logger=none")),
+    ]
+    markdown = result["markdown"].read_text()
+    assert "1 complete runs, 1 incomplete, 2 never launched." in markdown
+    section = markdown.split("## Never launched", 1)[1]
+    assert "job #2 — `method=wanda sparsity=0.3 logger=none`" in section
+    assert "job #3 — `method=wanda sparsity=0.5 logger=none`" in section
+    assert "job #2: never launched [method=wanda sparsity=0.3 logger=none]" in caplog.text
+
+
+def test_override_order_does_not_matter_and_every_launched_job_counts(killed_sweep: Path) -> None:
+    _job(killed_sweep, "2_wanda_0.3", overrides=["logger=none", "sparsity=0.3", "method=wanda"])  # killed mid-run
+    _job(killed_sweep, "3_wanda_0.5", _results("wanda", 0.5, "unstructured", {"wikitext2": 30.0}),
+         overrides=["method=wanda", "sparsity=0.5", "logger=none"])
+    grids = check_grids(killed_sweep)
+    assert grids.checked == ["."] and grids.never_launched == []
+
+
+def test_parent_folder_of_several_sweeps_and_plain_runs(killed_sweep: Path, tmp_path: Path) -> None:
+    complete = tmp_path / "other"  # a second sweep beside the first, all jobs launched
+    _multirun_yaml(complete, ["seed=range(0,2)", "method=dense"], params={"logger": "none"})
+    for num in range(2):
+        _job(complete, str(num), _results("dense", 0.0, "unstructured", {"wikitext2": 20.0}, seed=num),
+             overrides=["logger=none", f"seed={num}", "method=dense"])
+    (tmp_path / "single").mkdir()  # a single run (no sweep) beside them
+    (tmp_path / "single" / "results.json").write_text(json.dumps(_results("wanda", 0.5, "unstructured", {"wikitext2": 22.0})))
+
+    result = build_report(tmp_path, tmp_path / "r", plots=False)
+    assert [job.label for job in result["never_launched"]] == ["killed job #2", "killed job #3"]
+    assert result["runs"] == 4 and result["incomplete"] == ["killed/1_magnitude_0.5"]
+    assert "- killed job #3 — `method=wanda sparsity=0.5 logger=none`" in result["markdown"].read_text()
+
+
+def test_grids_that_cannot_be_expanded_are_named_not_fatal(tmp_path: Path) -> None:
+    _multirun_yaml(tmp_path / "optuna", ["sparsity=interval(0.3,0.7)"], sweeper="hydra_plugins.optuna.OptunaSweeper")
+    _multirun_yaml(tmp_path / "glob", ["method=glob(*)"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "multirun.yaml").write_text("hydra: [unclosed\n")
+    markdown = build_report(tmp_path, tmp_path / "r", plots=False)["markdown"].read_text()
+    section = markdown.split("## Never launched", 1)[1]
+    for sweep in ("optuna", "glob", "broken"):
+        assert f"- `{sweep}`: grid not checked" in section
+
+
+def test_folder_without_multirun_yaml_says_the_grid_is_unknown(sweep: Path, tmp_path: Path) -> None:
+    result = build_report(sweep, tmp_path / "r", plots=False)
+    assert result["never_launched"] == []
+    assert "No `multirun.yaml` below this folder" in result["markdown"].read_text()
+
+
+def test_a_real_multirun_killed_before_its_last_job(tmp_path: Path) -> None:
+    """Hydra writes multirun.yaml and the job folders itself; jobs fail at once on a data root without files."""
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, PRUNELAB_DATA=str(tmp_path / "empty-data"), PRUNELAB_CACHE=str(tmp_path / "cache"),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+    subprocess.run([sys.executable, "-m", "prunelab", "-m", "method=magnitude", "sparsity=0.3,0.5", "logger=none",
+                    "tags=[a,b]", f"hydra.sweep.dir={sweep}"], cwd=Path(__file__).resolve().parents[1], env=env,
+                   capture_output=True, text=True, timeout=300)
+    assert (sweep / "multirun.yaml").is_file()
+    for job in sweep.glob("1_*"):  # as if the sweep was killed before job 1 started
+        shutil.rmtree(job)
+    result = build_report(sweep, tmp_path / "r", plots=False)
+    assert [(job.num, job.overrides) for job in result["never_launched"]] == [
+        (1, ("method=magnitude", "sparsity=0.5", "logger=none", "tags=[a,b]"))]
+    assert [name.split("_")[0] for name in result["incomplete"]] == ["0"]
+
+
+def test_partial_split_is_noted_from_full_split_or_the_older_complete_key(sweep: Path, tmp_path: Path) -> None:
+    def rewrite(job: str, **entry) -> None:
+        path = sweep / job / "results.json"
+        results = json.loads(path.read_text())
+        results["metrics"]["perplexity"]["wikitext2"].update(entry)
+        path.write_text(json.dumps(results))
+
+    for job in ("0", "1", "2", "3", "4", "5", "6"):
+        rewrite(job, full_split=True)
+    markdown = build_report(sweep, tmp_path / "a", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
+    assert "not the full split" not in markdown
+    rewrite("3", full_split=False)
+    markdown = build_report(sweep, tmp_path / "b", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
+    assert "seqlen 2048, 8 windows (not the full split)" in markdown
+    path = sweep / "3" / "results.json"  # a results.json written before the rename: "complete" only
+    results = json.loads(path.read_text())
+    del results["metrics"]["perplexity"]["wikitext2"]["full_split"]
+    results["metrics"]["perplexity"]["wikitext2"]["complete"] = False
+    path.write_text(json.dumps(results))
+    markdown = build_report(sweep, tmp_path / "c", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
+    assert "seqlen 2048, 8 windows (not the full split)" in markdown
+    assert "different perplexity protocols" not in markdown

@@ -1,11 +1,13 @@
 """Sweep reports: collect every run's ``results.json`` under a folder, write tables, plots and the list of
-runs that did not finish.
+runs that did not finish or never started.
 
 ``python -m prunelab.report <sweep folder> [--metric ppl|ppl:<dataset>|zeroshot] [--out DIR]``
 
 A run folder is *complete* when its ``results.json`` says ``"status": "complete"``. A Hydra job folder
-(one holding ``.hydra/``) without such a file is *incomplete*: failed (``failed.json``), unfinished, or
-unreadable; every one is named in the log and in the Markdown report.
+(one holding ``.hydra/``) without such a file is *incomplete*: failed or interrupted (``failed.json``, whose
+error is shown), unfinished, or unreadable. A job of a sweep's grid (``multirun.yaml``, see
+:mod:`prunelab.report.grid`) with no folder at all was *never launched*. Every one is named, with its
+overrides, in the log and in the Markdown report.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prunelab.report.grid import GridCheck, check_grids, read_overrides, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,12 @@ class Run:
         entry = self.perplexity.get(dataset)
         return None if not entry or entry.get("ppl") is None else float(entry["ppl"])
 
+    def ppl_full_split(self, dataset: str) -> bool | None:
+        """Whether the perplexity covers every window of the split (``full_split``; ``complete`` in older files)."""
+        entry = self.perplexity.get(dataset) or {}
+        value = entry.get("full_split", entry.get("complete"))
+        return None if value is None else bool(value)
+
     @property
     def zeroshot_tasks(self) -> dict[str, dict[str, float]]:
         return (self.metrics.get("zeroshot") or {}).get("tasks") or {}
@@ -111,35 +121,23 @@ class IncompleteRun:
         return f"{self.name}: {self.reason}{extra}"
 
 
-def _relative(path: Path, root: Path) -> str:
-    rel = os.path.relpath(path, root)
-    return "." if rel == "." else rel.replace(os.sep, "/")
-
-
-def _overrides(folder: Path) -> list[str]:
-    path = folder / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    try:
-        from omegaconf import OmegaConf
-
-        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path)) or []]
-    except Exception:  # a report must not die on one bad file
-        return []
-
-
 def _failure_reason(folder: Path) -> str:
+    """``failed during <phase>: <error>`` (or ``interrupted ...``) from the job's ``failed.json``."""
     try:
         info = json.loads((folder / FAILED_FILE).read_text())
     except (OSError, ValueError):
         return f"failed ({FAILED_FILE} unreadable)"
+    if not isinstance(info, dict):
+        return "failed"
     message = ""
-    if isinstance(info, dict):
-        for key in ("error", "exception", "message", "reason"):
-            if info.get(key):
-                message = str(info[key]).strip().splitlines()[-1][:200]
-                break
-    return f"failed: {message}" if message else "failed"
+    for key in ("error", "exception", "message", "reason"):
+        if info.get(key):
+            message = str(info[key]).strip().splitlines()[-1][:200]
+            break
+    status = "interrupted" if info.get("status") == "interrupted" else "failed"
+    if info.get("phase"):
+        status += f" during {info['phase']}"
+    return f"{status}: {message}" if message else status
 
 
 def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteRun]]:
@@ -159,7 +157,7 @@ def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteR
     candidates = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     candidates |= {p.parent for p in root.rglob(RESULTS_FILE)} | {p.parent for p in root.rglob(FAILED_FILE)}
     for run_dir in sorted(candidates):
-        name = _relative(run_dir, root)
+        name = relative_name(run_dir, root)
         results_path = run_dir / RESULTS_FILE
         reason = None
         if results_path.is_file():
@@ -179,7 +177,7 @@ def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteR
             reason = _failure_reason(run_dir)
         else:
             reason = f"no {RESULTS_FILE} (unfinished or killed)"
-        incomplete[run_dir] = IncompleteRun(name=name, reason=reason, overrides=_overrides(run_dir))
+        incomplete[run_dir] = IncompleteRun(name=name, reason=reason, overrides=read_overrides(run_dir))
     for item in incomplete.values():
         log.warning("incomplete run %s", item.describe())
     log.info("%s: %d complete runs, %d incomplete", root, len(runs), len(incomplete))
@@ -198,7 +196,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         plots: write PNG plots.
 
     Returns:
-        ``{"markdown", "latex", "plots": [...], "runs", "incomplete": [names]}``.
+        ``{"markdown", "latex", "plots": [...], "runs", "incomplete": [names], "never_launched": [PlannedJob]}``.
     """
     from prunelab.report import tables as tab
 
@@ -209,6 +207,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     root = Path(folder)
     out_dir = Path(out) if out is not None else root / "report"
     runs, incomplete = collect_runs(root)
+    grids = check_grids(root)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tables: list[tab.Table] = []
@@ -227,11 +226,12 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         plot_files = plot.write_plots(runs, out_dir, datasets or None)
 
     md = [f"# Sweep report: `{root}`", "",
-          f"{len(runs)} complete runs, {len(incomplete)} incomplete.", ""]
+          f"{len(runs)} complete runs, {len(incomplete)} incomplete, {len(grids.never_launched)} never launched.", ""]
     md += [tab.to_markdown(t) for t in tables] or ["_No complete run holds the requested metrics._\n"]
     md += ["## Incomplete runs", ""]
     md += [f"- `{item.name}` — {item.reason}" + (f" (`{' '.join(item.overrides)}`)" if item.overrides else "")
            for item in incomplete] or ["None."]
+    md += _never_launched_section(grids)
     if plot_files:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plot_files]
     markdown_path = out_dir / "report.md"
@@ -240,4 +240,16 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     latex_path.write_text("% needs \\usepackage{booktabs}\n" + "\n".join(tab.to_latex(t) for t in tables))
     log.info("wrote %s, %s and %d plots", markdown_path, latex_path, len(plot_files))
     return {"markdown": markdown_path, "latex": latex_path, "plots": plot_files, "runs": len(runs),
-            "incomplete": [item.name for item in incomplete]}
+            "incomplete": [item.name for item in incomplete], "never_launched": grids.never_launched}
+
+
+def _never_launched_section(grids: GridCheck) -> list[str]:
+    """Markdown lines: planned jobs without a folder, and sweeps whose grid could not be checked."""
+    lines = ["", "## Never launched", ""]
+    if not grids.checked and not grids.unchecked:
+        return lines + ["_No `multirun.yaml` below this folder: the planned grid is unknown._"]
+    lines += [f"- {job.label} — `{' '.join(job.overrides)}`" for job in grids.never_launched]
+    if not grids.never_launched and grids.checked:
+        lines.append(f"None: every job planned in {len(grids.checked)} sweep grid(s) has a folder.")
+    lines += [f"- `{sweep}`: grid not checked ({why})" for sweep, why in grids.unchecked.items()]
+    return lines

@@ -1,4 +1,5 @@
-"""``python -m prunelab.report <sweep folder> [--metric ...] [--out DIR]``: tables, plots, incomplete runs."""
+"""``python -m prunelab.report <sweep folder> [--metric ...] [--out DIR]``: tables, plots, incomplete and
+never-launched jobs, written to ``<sweep folder>/report/`` unless ``--out`` says otherwise."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         result = build_report(args.folder, args.out, metrics, acc_key=args.acc_key, plots=not args.no_plots)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    logging.getLogger("prunelab.report").info("report: %s (%d runs, %d incomplete)", result["markdown"],
-                                              result["runs"], len(result["incomplete"]))
+    logging.getLogger("prunelab.report").info("report: %s (%d runs, %d incomplete, %d never launched)",
+                                              result["markdown"], result["runs"], len(result["incomplete"]),
+                                              len(result["never_launched"]))
     return 0
 
 

@@ -152,11 +152,13 @@ def _protocol_notes(runs: list["Run"], dataset: str) -> list[str]:
     for run in runs:
         entry = run.perplexity.get(dataset)
         if entry:
-            protocols[(entry.get("seqlen"), entry.get("windows"), entry.get("fingerprint"))].append(run.name)
+            protocols[(entry.get("seqlen"), entry.get("windows"), entry.get("fingerprint"))].append(run)
     notes = []
-    for (seqlen, windows, fingerprint), names in protocols.items():
+    for (seqlen, windows, fingerprint), members in protocols.items():
         fp = f", token stream {str(fingerprint)[:19]}" if fingerprint else ""
-        notes.append(f"seqlen {seqlen}, {windows} windows{fp}" + (f" ({len(names)} runs)" if len(protocols) > 1 else ""))
+        partial = any(run.ppl_full_split(dataset) is False for run in members)
+        part = " (not the full split)" if partial else ""
+        notes.append(f"seqlen {seqlen}, {windows} windows{part}{fp}" + (f" ({len(members)} runs)" if len(protocols) > 1 else ""))
     if len(protocols) > 1:
         notes.insert(0, "WARNING: runs in this table used different perplexity protocols; numbers are not comparable")
         log.warning("perplexity on %s: %d different protocols in one table (%s)", dataset, len(protocols), notes[1:])
