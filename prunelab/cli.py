@@ -1,16 +1,26 @@
-"""``python -m prunelab``: the Hydra application."""
+"""``python -m prunelab``: the Hydra application.
+
+A single run exits 2 with one line for a user error (a bad value, missing data, a model that cannot
+be found) and 1 with a traceback for anything else. In a multirun every job runs whatever happened to
+the others: a failed job leaves ``failed.json`` in its folder, and the sweep ends non-zero naming the
+failed jobs (``prunelab.tracking.sweep.SweepSummary``). SIGTERM stops the run like Ctrl-C does and is
+recorded in ``failed.json`` with the phase it interrupted.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from prunelab.config.schema import ConfigError, register
+from prunelab.interrupt import sigterm_interrupts
 
 log = logging.getLogger("prunelab")
 
@@ -20,7 +30,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 register()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the user asked for something that cannot work": one line, no traceback."""
     from prunelab.data.calibration import CalibrationError
     from prunelab.data.sources import DataUnavailableError
     from prunelab.models.loading import ModelLoadError
@@ -28,16 +39,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataUnavailableError, ModelLoadError, CalibrationError)
 
 
+def optimized_value(payload: dict) -> float | None:
+    """The first perplexity of the run (what a Hydra sweeper optimises)."""
+    perplexities = payload.get("metrics", {}).get("perplexity", {})
+    return next(iter(perplexities.values()))["ppl"] if perplexities else None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; returns the first perplexity (so sweepers can optimise it)."""
     from prunelab.runner import run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        payload = run(cfg, run_dir)
-    except _user_errors() as error:
+        with sigterm_interrupts():
+            payload = run(cfg, run_dir)
+    except user_errors() as error:
         log.error("%s", error)
+        if multirun:  # the other jobs of the sweep still run; SweepSummary names this one at the end
+            return math.nan
         sys.exit(2)
-    perplexities = payload.get("metrics", {}).get("perplexity", {})
-    return next(iter(perplexities.values()))["ppl"] if perplexities else None
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("job %s failed (failed.json in %s); the sweep goes on", hydra_cfg.job.num, run_dir)
+        return math.nan
+    return optimized_value(payload)

@@ -8,17 +8,22 @@ seconds. ``results.json`` is written only when every step finished; a failure wr
 from __future__ import annotations
 
 import logging
+import os
 import random
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.config.schema import ConfigError, validate
+from prunelab.config.schema import ConfigError, validate, validate_for_model
 from prunelab.data import sources
+from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.results import device_info, git_state, package_versions, write_failure, write_results
 from prunelab.tracking.wandb_logger import WandbLogger
@@ -27,31 +32,86 @@ log = logging.getLogger(__name__)
 
 
 class Timer:
-    """Collects named wall-clock durations in seconds."""
+    """Collects named wall-clock durations in seconds and knows which phase is running."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.phase: str | None = None
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        outer, self.phase = self.phase, name
+        log.info("── %s", name.replace("_", " "))
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        self.phase = outer  # left unchanged on an error, so the failure record names the phase
 
 
-def preflight(cfg: DictConfig) -> tuple[Pattern, Any]:
-    """All checks that need no model: values, method params, data availability.
+def absolute_paths(cfg: DictConfig) -> None:
+    """Make ``data_root`` and ``cache_dir`` absolute, against the folder the command was started in.
 
-    Returns the parsed pattern and the built pruning method (None for dense).
+    ``PRUNELAB_DATA=../shared/data`` then means the same folder wherever later code runs, and every
+    message and results.json shows the full path.
     """
+    try:
+        start = Path(get_original_cwd())
+    except ValueError:  # not inside a Hydra app (tests, the compose API)
+        start = Path.cwd()
+    for key in ("data_root", "cache_dir"):
+        value = cfg.get(key)
+        if value:
+            cfg[key] = str((start / Path(str(value)).expanduser()).resolve())
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Fail before loading when a folder the run must write into cannot be written."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"{key}={folder} is not writable ({err.strerror or err}); set {key}=<a writable folder>") from None
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes where the engine keeps calibration activations (host RAM, or the CUDA device's memory)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        free, _total = torch.cuda.mem_get_info(torch.device(device) if device != "auto" else None)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass
+class Checked:
+    """What preflight established: the parsed pattern, the method (None for dense), the model's shapes
+    (None when its config is not readable before loading) and warnings about unusual settings."""
+
+    pattern: Pattern
+    method: Any
+    facts: ModelFacts | None
+    warnings: list[str]
+
+
+def preflight(cfg: DictConfig) -> Checked:
+    """All checks that need no model weights: values, method params, data, folders, model shapes."""
+    absolute_paths(cfg)
     pattern = validate(cfg)
     method = None
     if cfg.method.name != "dense":
         from prunelab.prune.methods import build_method
 
-        method = build_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))
+        try:
+            method = build_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
         if needs_calibration(cfg, method):
             sources.check_available(cfg.calib.source, cfg.data_root, purpose="calib")
     if cfg.eval.perplexity.enabled:
@@ -67,7 +127,27 @@ def preflight(cfg: DictConfig) -> tuple[Pattern, Any]:
             raise ConfigError(str(error)) from error
         except OfflineDataError as error:
             raise sources.DataUnavailableError(str(error)) from error
-    return pattern, method
+    check_writable(cfg.cache_dir, "cache_dir")
+    warnings: list[str] = []
+    facts = read_model_facts(OmegaConf.to_container(cfg.model, resolve=True), model_gguf_path(cfg), cfg.cache_dir)
+    if facts is not None:
+        warnings = validate_for_model(cfg, facts, available_memory(str(cfg.prune.device)), needs_calibration(cfg, method))
+    elif cfg.allocation.name == "explicit":
+        log.warning("the model's layer count is not known before loading: allocation.layers is checked after the load")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Checked(pattern, method, facts, warnings)
+
+
+def model_gguf_path(cfg: DictConfig) -> Path | None:
+    """The GGUF file a ``gguf_package`` model is converted from (None for other sources)."""
+    if cfg.model.source != "gguf_package":
+        return None
+    if cfg.model.path:
+        return Path(str(cfg.model.path)).expanduser()
+    from prunelab.models.loading import locate_packaged_gguf
+
+    return locate_packaged_gguf(cfg.model.package, cfg.model.gguf_file)
 
 
 def needs_calibration(cfg: DictConfig, method: Any) -> bool:
@@ -116,32 +196,39 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Execute one job in ``run_dir``; return the payload written to results.json."""
+    """Execute one job in ``run_dir``; return the payload written to results.json.
+
+    Any failure or interruption, from the first check on, leaves ``failed.json`` naming the phase.
+    """
     timer = Timer()
-    pattern, method = preflight(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    payload: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "name": run_name(cfg),
-        "config": resolved,
-        "versions": package_versions(),
-        "git": git_state(),
-    }
+    payload: dict[str, Any] = {"run_dir": str(run_dir), "name": run_name(cfg)}
     logger = WandbLogger(cfg.logger)
     exit_code = 1
     try:
+        with timer("preflight"):
+            checked = preflight(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        payload.update(config=resolved, versions=package_versions(), git=git_state())
+        if checked.warnings:
+            payload["warnings"] = checked.warnings
         logger.start(run_dir, resolved, payload["name"], list(cfg.tags))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        from prunelab.models.loading import load_model, resolve_device
+        from prunelab.models.loading import load_model, model_provenance, resolve_device
 
         device = resolve_device(str(cfg.device))
         payload["device"] = device_info(device)
         with timer("load"):
             model, tokenizer = load_model(cfg.model, device, cfg.cache_dir)
+        payload["model_source"] = model_provenance(model)
+        if checked.facts is None:  # the config was not readable before the load: check now
+            payload.setdefault("warnings", []).extend(
+                validate_for_model(cfg, facts_of(model.config, "loaded model"), None, False)
+            )
         metrics: dict[str, Any] = {}
-        if method is not None:
-            metrics["pruning"] = prune(model, tokenizer, cfg, method, pattern, payload, timer, run_dir)
+        if checked.method is not None:
+            with timer("prune"):  # includes calibration_data, timed on its own too
+                metrics["pruning"] = prune(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, run_dir)
             metrics["sparsity"] = metrics["pruning"].pop("summary")
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
@@ -154,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return payload
     except BaseException as error:
         payload["timings"] = timer.seconds
-        write_failure(run_dir, payload, error)
+        write_failure(run_dir, payload, error, phase=timer.phase)
         raise
     finally:
         logger.finish(exit_code)
@@ -175,16 +262,15 @@ def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, 
 
         with timer("calibration_data"):
             calib_ids, payload["calibration"] = get_calibration(tokenizer, cfg.calib, cfg.data_root, cfg.cache_dir)
-    with timer("prune"):
-        report = prune_model(
-            model,
-            method,
-            calib_ids,
-            float(cfg.sparsity),
-            pattern,
-            OmegaConf.to_container(cfg.allocation, resolve=True),
-            engine_cfg,
-        )
+    report = prune_model(
+        model,
+        method,
+        calib_ids,
+        float(cfg.sparsity),
+        pattern,
+        OmegaConf.to_container(cfg.allocation, resolve=True),
+        engine_cfg,
+    )
     if report.masks is not None:
         from prunelab.prune.io import save_masks
 

@@ -5,12 +5,13 @@ Every check here runs before a model loads, so a bad value costs seconds, not mi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from prunelab.prune.pattern import Pattern
 
@@ -44,7 +45,7 @@ class AllocationConfig:
     name: str = "uniform"  # uniform | owl | explicit
     lam: float = 0.08  # OWL: per-layer sparsities span a width of 2*lam and average to `sparsity`
     m: float = 5.0  # OWL: a score is an outlier when it exceeds m x its layer's mean score
-    layers: dict[str, float] = field(default_factory=dict)  # explicit: {"0-5": 0.3, "6-29": 0.6}; unlisted layers get `sparsity`
+    layers: dict[Any, float] = field(default_factory=dict)  # explicit (keys: "7" or 7, "0-5"): {"0-5": 0.3, "6-29": 0.6}; unlisted layers get `sparsity`
 
 
 @dataclass
@@ -142,6 +143,13 @@ class PrunelabConfig:
     experiment: Optional[str] = None  # name of the experiment config, when one is used
 
 
+# Schema classes by name (field types are strings under ``from __future__ import annotations``).
+_DATACLASSES = {
+    cls.__name__: cls
+    for cls in (ModelConfig, MethodConfig, AllocationConfig, CalibConfig, PerplexityConfig, ZeroShotConfig,
+                LatencyConfig, SizeConfig, EvalConfig, LoggerConfig, PruneEngineConfig)
+}
+
 KNOWN_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "random")
 KNOWN_ALLOCATIONS = ("uniform", "owl", "explicit")
 KNOWN_TEXT_SOURCES = ("wikitext2", "c4")
@@ -153,8 +161,39 @@ KNOWN_SIZE_DISK_MODES = ("compute", "write")
 
 
 def register() -> None:
-    """Register the schema so ``conf/config.yaml`` is type-checked by Hydra."""
-    ConfigStore.instance().store(name="prunelab_schema", node=PrunelabConfig)
+    """Register the schema so ``conf/config.yaml`` is type-checked by Hydra.
+
+    ``allocation.layers`` is left open (not struct) so a whole mapping can be given on the command
+    line, ``allocation.layers={0-5:0.3,6-29:0.6}``: Hydra merges a dict override into the existing
+    node, and a struct node refuses the new keys.
+    """
+    node = OmegaConf.structured(PrunelabConfig)
+    OmegaConf.set_struct(node.allocation.layers, False)
+    ConfigStore.instance().store(name="prunelab_schema", node=node)
+
+
+# Fields whose values are free-form mappings: their keys are not checked against a schema.
+_FREE_FORM = {"method.params", "allocation.layers"}
+
+
+def check_known_keys(cfg: DictConfig, schema: type = PrunelabConfig, prefix: str = "") -> None:
+    """Refuse keys the schema does not define, also those added with ``+`` (``+sparsty=0.5``).
+
+    Raises:
+        ConfigError: naming the unknown key and the keys allowed at that level.
+    """
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"{name} is not a prunelab setting (a typo?); settings here: {', '.join(sorted(fields))}"
+            )
+        node = cfg.get(key)
+        kind = fields[key].type
+        sub = _DATACLASSES.get(kind if isinstance(kind, str) else getattr(kind, "__name__", ""))
+        if sub is not None and isinstance(node, DictConfig) and name not in _FREE_FORM:
+            check_known_keys(node, sub, prefix=f"{name}.")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], key: str) -> None:
@@ -163,7 +202,7 @@ def _choice(value: Any, allowed: tuple[str, ...], key: str) -> None:
 
 
 def _positive(value: Any, key: str) -> None:
-    if value is None or int(value) < 1:
+    if value is None or isinstance(value, bool) or int(value) < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer")
 
 
@@ -177,6 +216,7 @@ def validate(cfg: DictConfig) -> Pattern:
     Raises:
         ConfigError: naming the field and the allowed values.
     """
+    check_known_keys(cfg)
     sparsity = float(cfg.sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity={cfg.sparsity} is out of range; use a fraction in [0, 1), e.g. sparsity=0.5")
@@ -209,8 +249,15 @@ def validate(cfg: DictConfig) -> Pattern:
             raise ConfigError(f"model.path={cfg.model.path!r} does not exist or is not a folder; give a local model folder or a hub id")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model.path={cfg.model.path!r} holds no config.json; give a folder written by save_pretrained")
-    elif cfg.model.path is not None and not os.path.isfile(os.path.expanduser(str(cfg.model.path))):
-        raise ConfigError(f"model.path={cfg.model.path!r} is not a GGUF file; unset it to use the file from {cfg.model.package}")
+    else:
+        from prunelab.models.loading import check_cache_name
+
+        if cfg.model.path is not None and not os.path.isfile(os.path.expanduser(str(cfg.model.path))):
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a GGUF file; unset it to use the file from {cfg.model.package}")
+        try:
+            check_cache_name(str(cfg.model.name))
+        except ValueError as err:
+            raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
 
     _choice(cfg.calib.source, KNOWN_TEXT_SOURCES, "calib.source")
     _positive(cfg.calib.nsamples, "calib.nsamples")
@@ -229,7 +276,81 @@ def validate(cfg: DictConfig) -> Pattern:
     _choice(cfg.eval.size.disk, KNOWN_SIZE_DISK_MODES, "eval.size.disk")
     _choice(cfg.logger.name, KNOWN_LOGGERS, "logger.name")
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
-    device = str(cfg.device)
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise ConfigError(f"device={device!r} is not valid; allowed values: auto, cpu, cuda, cuda:N")
+    _check_device(cfg.device, "device")
+    _check_device(cfg.prune.device, "prune.device")
+    _positive(cfg.prune.batch_size, "prune.batch_size")
     return pattern
+
+
+def _check_device(value: Any, key: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where it exists."""
+    device = str(value)
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{key}={device!r} is not valid; allowed values: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={device} but this machine has no CUDA device; use {key}=cpu or {key}=auto")
+        index = int(device[5:]) if device.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None, needs_calibration: bool) -> list[str]:
+    """Checks that need the model's shapes (read from its config, before the weights load).
+
+    Args:
+        facts: ``prunelab.models.facts.ModelFacts`` (num_layers, hidden_size, max_positions).
+        available_bytes: memory where the engine keeps a layer's calibration activations.
+        needs_calibration: whether the method calibrates.
+
+    Returns:
+        Warnings for settings that work but are unusual (recorded in results.json).
+
+    Raises:
+        ConfigError: for settings that cannot work with this model.
+    """
+    from prunelab.models.facts import activation_bytes
+    from prunelab.prune import allocation
+
+    warnings: list[str] = []
+    if cfg.allocation.name == "explicit":
+        try:
+            allocation.explicit(dict(cfg.allocation.layers or {}), facts.num_layers, float(cfg.sparsity))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if needs_calibration and available_bytes:
+        dtype = str(cfg.model.dtype)
+        if dtype == "auto":  # as models.loading.resolve_dtype: bfloat16 on CUDA, float32 on the CPU
+            dtype = "float32" if available_on_cpu(cfg) else "bfloat16"
+        need = activation_bytes(facts, int(cfg.calib.nsamples), int(cfg.calib.seqlen), dtype)
+        if need > available_bytes:
+            raise ConfigError(
+                f"calib.nsamples={cfg.calib.nsamples} x calib.seqlen={cfg.calib.seqlen} needs about {need / 2**30:.1f} GiB "
+                f"for one layer's calibration activations, more than the {available_bytes / 2**30:.1f} GiB available; "
+                f"lower calib.nsamples"
+            )
+        if need > available_bytes / 2:
+            warnings.append(f"calibration activations take about {need / 2**30:.1f} GiB of {available_bytes / 2**30:.1f} GiB available")
+    limit = facts.max_positions
+    if limit:
+        ppl_seqlen = cfg.eval.perplexity.seqlen
+        if cfg.eval.perplexity.enabled and ppl_seqlen is not None and int(ppl_seqlen) > limit:
+            warnings.append(
+                f"eval.perplexity.seqlen={ppl_seqlen} is longer than the model's max_position_embeddings={limit}: "
+                f"positions past {limit} were never trained, so this perplexity is not comparable"
+            )
+        if needs_calibration and int(cfg.calib.seqlen) > limit:
+            warnings.append(f"calib.seqlen={cfg.calib.seqlen} is longer than the model's max_position_embeddings={limit}")
+    return warnings
+
+
+def available_on_cpu(cfg: DictConfig) -> bool:
+    """Whether the model (``device``) is loaded on the CPU."""
+    device = str(cfg.device)
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"

@@ -26,11 +26,21 @@ FAILED_FILE = "failed.json"
 _PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "datasets", "safetensors", "wandb", "gguf")
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    """Write JSON to a temporary file in the same folder, then rename it into place.
+
+    The file gets the permissions any new file gets (0666 less the umask), not mkstemp's 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")
@@ -83,16 +93,22 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def write_failure(run_dir: Path, payload: dict[str, Any], error: BaseException) -> Path:
-    """Record a failed or interrupted run in ``failed.json``; never touches results.json."""
+def write_failure(run_dir: Path, payload: dict[str, Any], error: BaseException, phase: str | None = None) -> Path:
+    """Record a failed or interrupted run in ``failed.json``; never touches results.json.
+
+    ``phase`` names the step that was running (preflight, load, calibration_data, prune, perplexity, ...);
+    an interruption by a signal also records the signal's name.
+    """
     path = Path(run_dir) / FAILED_FILE
-    write_json_atomic(
-        path,
-        {
-            "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exception(error),
-            **payload,
-        },
-    )
+    record: dict[str, Any] = {
+        "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+        "phase": phase,
+        "error": f"{type(error).__name__}: {error}",
+    }
+    signal_name = getattr(error, "signal_name", None)
+    if signal_name:
+        record["signal"] = signal_name
+    record["traceback"] = traceback.format_exception(error)
+    write_json_atomic(path, {**record, **payload})
+    log.info("wrote %s (%s during %s)", path, record["status"], phase)
     return path

@@ -1,0 +1,42 @@
+"""SIGTERM as an interruption: schedulers and timeouts send it, and a run must record that it stopped.
+
+Python turns SIGINT into ``KeyboardInterrupt`` but lets SIGTERM end the process at once, so no
+``finally`` runs and the run folder is left without ``failed.json``. Inside ``sigterm_interrupts()``
+SIGTERM raises ``RunInterrupted`` (a ``KeyboardInterrupt``) instead, so the same clean-up and record
+happen as for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; ``signal_name`` says which."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise RunInterrupted(signal.Signals(signum).name)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block SIGTERM raises ``RunInterrupted``; the previous handler is restored after.
+
+    Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
