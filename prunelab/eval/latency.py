@@ -29,8 +29,9 @@ from typing import Any, Iterator
 import torch
 import transformers
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from prunelab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
     try:
         with semi_structured_weights(model, bool(cfg.sparse_kernels), device) as kernels:
             prefill = {}
-            for length in tqdm(lengths, desc="latency: prefill", leave=False):
+            for length in progress(lengths, desc="latency: prefill", leave=False):
                 prefill[str(length)] = measure_prefill(model, length, int(cfg.batch_size), int(cfg.warmup),
                                                        int(cfg.repeats), device, vocab_size, generator)
                 log.info("prefill %d x %d: %.1f tokens/s (median of %d)", int(cfg.batch_size), length,

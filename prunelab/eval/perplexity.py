@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from prunelab.data.tokens import TokenStream
+from prunelab.progress import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def perplexity(
     ids = stream.ids[0, : windows * seqlen].view(windows, seqlen)
     window_nll: list[float] = []
     count = 0
-    for start in tqdm(range(0, windows, batch_size), desc=f"ppl {stream.name}", unit="batch", disable=not progress):
+    for start in show_progress(range(0, windows, batch_size), desc=f"perplexity {stream.name}", unit="batch", enabled=progress):
         batch = ids[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         shift_logits = logits[:, :-1, :].float()
@@ -56,7 +56,7 @@ def perplexity(
         "seqlen": seqlen,
         "windows": windows,
         "total_windows": total_windows,
-        "complete": windows == total_windows,
+        "full_split": windows == total_windows,  # False for quick presets that score the first windows only
         "predicted_tokens": count,
         "stream_tokens": stream.numel,
         "fingerprint": stream.fingerprint,

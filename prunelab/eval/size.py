@@ -201,7 +201,8 @@ def measure_size(model: nn.Module, cfg: Any = None, out_dir: str | os.PathLike |
         "measured_by": "written files" if how == "write" else "computed safetensors layout (no file written)",
         "format": "safetensors (dense) vs bitmask + non-zero values (prunelab.sparse_io)",
     }
-    log.info("size: %d/%d non-zero params (%.1f%% sparse), disk %d -> %d bytes (x%.3f), %.3g FLOPs/token at %d",
+    log.info("size: whole model (embeddings and lm_head included) %d of %d parameters non-zero (%.2f%% zero); "
+             "disk %d -> %d bytes compressed (x%.3f); %.3g FLOPs/token at %d",
              params["nonzero"], params["total"], 100 * params["sparsity"], dense, compressed, disk["ratio"],
              flops["total"], context_len)
     return {"params": params, "disk": disk, "flops_per_token": flops}

@@ -10,8 +10,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from prunelab.progress import progress as show_progress
 from prunelab.prune.masks import prune_count
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def global_magnitude(
         return {name: 0.0 for name in weights}
 
     def passes(desc: str):
-        return tqdm(_chunks(weights, chunk), desc=desc, disable=not progress, leave=False)
+        return show_progress(_chunks(weights, chunk), desc=desc, leave=False, enabled=progress)
 
     # Pass 1: histogram of the high 16 bits; find the bin holding the k-th smallest value.
     high = torch.zeros(1 << 16, dtype=torch.int64)

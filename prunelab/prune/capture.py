@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunelab.models.adapters import DecoderAdapter
+from prunelab.progress import progress
 
 
 @dataclass
@@ -142,7 +143,7 @@ def capture_layer_inputs(
     home = _home_device(adapter.backbone)
     try:
         adapter.backbone.to(device)
-        for ids in batches:
+        for ids in progress(batches, desc="calibration forward (record layer inputs)", unit="batch", leave=False):
             sink.start_batch(tuple(ids.shape))
             adapter.backbone(input_ids=ids.to(device), use_cache=False)
             sink.end_batch()

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunelab.models.adapters import DecoderAdapter, PrunableModule, get_adapter, select_modules
 from prunelab.prune import allocation as alloc
+from prunelab.progress import progress
 from prunelab.prune.capture import CapturedInputs, LayerCall, capture_layer_inputs, run_layer
 from prunelab.prune.methods.base import InputStats, PruningMethod
 from prunelab.prune.pattern import Pattern
@@ -297,7 +297,7 @@ class LayerwisePruner:
         m = float(self.allocation.get("m", 5.0))
         ratios = []
         hidden = captured.hidden if captured is not None else None
-        for index in tqdm(range(self.adapter.num_layers), desc="OWL outlier pre-pass", unit="layer"):
+        for index in progress(range(self.adapter.num_layers), desc="OWL outlier pre-pass", unit="layer"):
             layer = self.adapter.layers[index]
             home = _home(layer)
             with self.timer("move"):
@@ -442,7 +442,7 @@ class LayerwisePruner:
                 if captured is not None:
                     captured.hidden = []  # the loop below owns (and replaces) the layer inputs
                 desc = f"prune {self.method.name}"
-                for index in tqdm(range(self.adapter.num_layers), desc=desc, unit="layer"):
+                for index in progress(range(self.adapter.num_layers), desc=desc, unit="layer"):
                     calls = captured.calls[index] if captured is not None else None
                     hidden = self.prune_layer(index, hidden, calls, targets)
                 del hidden, captured
@@ -509,8 +509,8 @@ def prune_model(
     pruner = LayerwisePruner(model, method, sparsity, pattern, allocation or {"name": "uniform"}, settings)
     report = pruner.run(calib_ids)
     log.info(
-        "pruned %d modules with %s (%s) to %.4f overall sparsity in %.1f s",
-        len(report.modules), method.name, pattern, report.summary.overall, report.timings.get("total", 0.0),
+        "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",
+        len(report.modules), method.name, pattern, 100 * report.summary.overall, report.timings.get("total", 0.0),
     )
     return report
 
@@ -532,7 +532,7 @@ def layerwise_forward(
         captured = capture_layer_inputs(adapter, calib_ids.split(settings.batch_size), settings.device)
         hidden = captured.hidden
         captured.hidden = []
-        for index in tqdm(range(adapter.num_layers), desc="dense layer-wise forward", unit="layer"):
+        for index in progress(range(adapter.num_layers), desc="dense layer-wise forward", unit="layer"):
             layer = adapter.layers[index]
             home = _home(layer)
             layer.to(settings.device)

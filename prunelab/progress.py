@@ -1,0 +1,49 @@
+"""Progress a person can see on every loop they wait for, in a terminal and in a log file alike.
+
+On a terminal this is a tqdm bar (k / N, elapsed, time left, rate). Where stderr is not a terminal
+(a pipe, ``nohup``, a SLURM log, W&B's captured output) a redrawn bar is unreadable, so the same
+numbers go through ``logging`` instead: one line at most every ``PRUNELAB_PROGRESS_INTERVAL``
+seconds (default 30) and one at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+log = logging.getLogger("prunelab.progress")
+
+
+class _LogLines:
+    """A file-like object for tqdm that sends each non-empty redraw to the log."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            log.info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _terminal() -> bool:
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def progress(iterable: Iterable[T], desc: str, unit: str = "it", total: int | None = None,
+             leave: bool = True, enabled: bool = True) -> Iterator[T]:
+    """Iterate over ``iterable`` showing ``desc``: k / N with time left (a bar, or log lines)."""
+    if not enabled:
+        return iter(iterable)
+    if _terminal():
+        return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave, dynamic_ncols=True))
+    interval = float(os.environ.get("PRUNELAB_PROGRESS_INTERVAL", "30"))
+    return iter(tqdm(iterable, desc=desc, unit=unit, total=total, file=_LogLines(), mininterval=interval,
+                     maxinterval=interval * 4, ascii=True, ncols=100))
