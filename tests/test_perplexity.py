@@ -39,7 +39,7 @@ def test_perplexity_matches_hand_computation():
     ids = torch.randint(0, 50, (1, 103), generator=generator)  # 103 // 20 = 5 windows, 3 tokens dropped
     stream = TokenStream("toy", ids, "toy", "test")
     result = perplexity(model, stream, seqlen=20, batch_size=2, progress=False)
-    assert result["windows"] == 5 and result["total_windows"] == 5 and result["complete"]
+    assert result["windows"] == 5 and result["total_windows"] == 5 and result["full_split"]
     assert result["predicted_tokens"] == 5 * 19
     assert math.isclose(result["ppl"], _hand_ppl(model, ids[0].tolist(), 20, 5), rel_tol=1e-5)
 
@@ -50,7 +50,7 @@ def test_max_windows_caps_and_batching_does_not_change_the_result():
     stream = TokenStream("toy", ids, "toy", "test")
     capped = perplexity(model, stream, seqlen=16, max_windows=3, batch_size=1, progress=False)
     batched = perplexity(model, stream, seqlen=16, max_windows=3, batch_size=3, progress=False)
-    assert capped["windows"] == 3 and capped["total_windows"] == 12 and not capped["complete"]
+    assert capped["windows"] == 3 and capped["total_windows"] == 12 and not capped["full_split"]
     assert math.isclose(capped["ppl"], _hand_ppl(model, ids[0].tolist(), 16, 3), rel_tol=1e-5)
     assert math.isclose(capped["ppl"], batched["ppl"], rel_tol=1e-5)
 
