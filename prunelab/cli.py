@@ -3,8 +3,8 @@
 A single run exits 2 with one line for a user error (a bad value, missing data, a model that cannot
 be found) and 1 with a traceback for anything else. In a multirun every job runs whatever happened to
 the others: a failed job leaves ``failed.json`` in its folder, and the sweep ends non-zero naming the
-failed jobs (``prunelab.tracking.sweep.SweepSummary``). SIGTERM stops the run like Ctrl-C does and is
-recorded in ``failed.json`` with the phase it interrupted.
+failed jobs (``prunelab.tracking.sweep.SweepSummary``). SIGTERM stops the run (and a sweep) like
+Ctrl-C does, is recorded in ``failed.json`` with the phase it interrupted, and exits 143.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from prunelab.config.schema import ConfigError, register
-from prunelab.interrupt import sigterm_interrupts
+from prunelab.interrupt import RunInterrupted, sigterm_interrupts
 
 log = logging.getLogger("prunelab")
 
@@ -56,6 +56,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with sigterm_interrupts():
             payload = run(cfg, run_dir)
+    except RunInterrupted as stop:  # the whole run (and sweep) ends, as the sender asked
+        log.error("%s; failed.json in %s records the phase", stop, run_dir)
+        sys.exit(stop.exit_code)
     except user_errors() as error:
         log.error("%s", error)
         if multirun:  # the other jobs of the sweep still run; SweepSummary names this one at the end

@@ -15,15 +15,18 @@ from typing import Iterator
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was stopped by a signal; ``signal_name`` says which."""
+    """The run was stopped by a signal; ``signal_name`` says which, ``exit_code`` is the shell's 128 + N."""
 
-    def __init__(self, signal_name: str):
-        super().__init__(f"stopped by {signal_name}")
-        self.signal_name = signal_name
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {self.signal_name}")
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise RunInterrupted(signal.Signals(signum).name)
+    # a second SIGTERM (schedulers repeat it) must not cut short the writing of failed.json
+    signal.signal(signum, signal.SIG_IGN)
+    raise RunInterrupted(signum)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Progress a person can see on every loop they wait for, in a terminal and in a log file alike.
 
 On a terminal this is a tqdm bar (k / N, elapsed, time left, rate). Where stderr is not a terminal
-(a pipe, ``nohup``, a SLURM log, W&B's captured output) a redrawn bar is unreadable, so the same
+(a pipe, ``nohup``, a SLURM log, W&B's captured output), or is a pseudo-terminal that reports no
+width (``script``, some ``docker exec -t``: tqdm then draws nothing at all), the same
 numbers go through ``logging`` instead: one line at most every ``PRUNELAB_PROGRESS_INTERVAL``
 seconds (default 30) and one at the end.
 """
@@ -33,8 +34,14 @@ class _LogLines:
 
 
 def _terminal() -> bool:
+    """stderr is a terminal with a known width (a pseudo-terminal without one makes tqdm draw nothing)."""
     stream = sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def progress(iterable: Iterable[T], desc: str, unit: str = "it", total: int | None = None,

@@ -207,28 +207,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         with timer("preflight"):
             checked = preflight(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        payload.update(config=resolved, versions=package_versions(), git=git_state())
-        if checked.warnings:
-            payload["warnings"] = checked.warnings
-        logger.start(run_dir, resolved, payload["name"], list(cfg.tags))
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
         from prunelab.models.loading import load_model, model_provenance, resolve_device
 
-        device = resolve_device(str(cfg.device))
-        payload["device"] = device_info(device)
+        with timer("setup"):
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            payload.update(config=resolved, versions=package_versions(), git=git_state())
+            if checked.warnings:
+                payload["warnings"] = checked.warnings
+            logger.start(run_dir, resolved, payload["name"], list(cfg.tags))
+            random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            device = resolve_device(str(cfg.device))
+            payload["device"] = device_info(device)
         with timer("load"):
             model, tokenizer = load_model(cfg.model, device, cfg.cache_dir)
-        payload["model_source"] = model_provenance(model)
-        if checked.facts is None:  # the config was not readable before the load: check now
-            payload.setdefault("warnings", []).extend(
-                validate_for_model(cfg, facts_of(model.config, "loaded model"), None, False)
-            )
+            payload["model_source"] = model_provenance(model)
+            if checked.facts is None:  # the config was not readable before the load: check now
+                payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
         if checked.method is not None:
-            with timer("prune"):  # includes calibration_data, timed on its own too
-                metrics["pruning"] = prune(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, run_dir)
+            metrics["pruning"] = prune(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, run_dir)
             metrics["sparsity"] = metrics["pruning"].pop("summary")
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
@@ -252,29 +250,32 @@ def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, 
     from prunelab.prune.engine import check_pattern_fits, prune_model
 
     engine_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
-    try:
-        check_pattern_fits(model, pattern, engine_cfg["targets"], engine_cfg["skip"])
-    except ValueError as error:  # the model's widths are known only once it is loaded
-        raise ConfigError(str(error)) from None
+    with timer("check_pattern"):
+        try:
+            check_pattern_fits(model, pattern, engine_cfg["targets"], engine_cfg["skip"])
+        except ValueError as error:  # the model's widths are known only once it is loaded
+            raise ConfigError(str(error)) from None
     calib_ids = None
     if needs_calibration(cfg, method):
         from prunelab.data.calibration import get_calibration
 
         with timer("calibration_data"):
             calib_ids, payload["calibration"] = get_calibration(tokenizer, cfg.calib, cfg.data_root, cfg.cache_dir)
-    report = prune_model(
-        model,
-        method,
-        calib_ids,
-        float(cfg.sparsity),
-        pattern,
-        OmegaConf.to_container(cfg.allocation, resolve=True),
-        engine_cfg,
-    )
+    with timer("prune"):
+        report = prune_model(
+            model,
+            method,
+            calib_ids,
+            float(cfg.sparsity),
+            pattern,
+            OmegaConf.to_container(cfg.allocation, resolve=True),
+            engine_cfg,
+        )
+        if not report.summary.nm_ok:
+            raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
     if report.masks is not None:
         from prunelab.prune.io import save_masks
 
-        save_masks(report.masks, run_dir / "masks.safetensors")
-    if not report.summary.nm_ok:
-        raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
+        with timer("save_masks"):
+            save_masks(report.masks, run_dir / "masks.safetensors")
     return report.to_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ from prunelab.runner import preflight
 register()
 CONF = Path(CONFIG_DIR)
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+@pytest.fixture(autouse=True)
+def _test_cache(monkeypatch, tmp_path):
+    """preflight checks that cache_dir is writable: keep it off the user's ~/.cache."""
+    if not os.environ.get("PRUNELAB_CACHE"):
+        monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
 
 
 def _compose(*overrides: str):

@@ -65,7 +65,7 @@ def test_a_job_whose_pattern_does_not_fit_the_model_fails_alone(tmp_path, cache_
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
         outcomes[job.name] = "complete" if (job / "results.json").exists() else json.loads((job / "failed.json").read_text())["phase"]
     assert len(outcomes) == 4, outcomes  # 2:4 at 0.43 and 3:7 at 0.5 contradict sparsity: preflight
-    assert sorted(outcomes.values()) == ["complete", "preflight", "preflight", "prune"], outcomes
+    assert sorted(outcomes.values()) == ["check_pattern", "complete", "preflight", "preflight"], outcomes
 
 
 # -------------------------------------------------------------------------------------- signals (item 6)
@@ -86,16 +86,16 @@ def test_sigterm_during_evaluation_leaves_failed_json_with_the_phase(tmp_path, c
     run_dir = tmp_path / "run"
     args = ["model=hf", f"model.path={tiny_hf_dir}", "eval.perplexity.seqlen=32", "eval.perplexity.max_windows=null",
             f"logger={logger}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab", *args], cwd=REPO, env=cli_env(cache_dir, data_root),
+    proc = subprocess.Popen([sys.executable, "-m", "prunelab", *args], cwd=REPO,
+                            env=cli_env(cache_dir, data_root, PRUNELAB_PROGRESS_INTERVAL="0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(run_dir / "cli.log", "── perplexity", proc)
-        time.sleep(1.0)
+        _wait_for(run_dir / "cli.log", "perplexity wikitext2:", proc)  # the first window is scored
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGTERM, "exits as a process stopped by SIGTERM would"
     assert not (run_dir / "results.json").exists()
     failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["status"] == "interrupted" and failed["phase"] == "perplexity" and failed["signal"] == "SIGTERM"
@@ -276,6 +276,73 @@ def test_a_relative_data_root_is_resolved_against_the_starting_folder(tmp_path, 
                   cache_dir=cache_dir, data_root="../no-such-data", cwd=start, HF_HUB_OFFLINE="1")
     assert bad.returncode == 2
     assert str(tmp_path / "no-such-data" / "wikitext") in bad.stdout + bad.stderr
+
+
+def test_progress_in_a_terminal_is_a_bar_and_in_a_widthless_one_log_lines(tmp_path):
+    """A pseudo-terminal with a width gets tqdm's bar; one that reports no width (``script``, some
+    ``docker exec -t``), where tqdm would draw nothing, gets the log lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='LOG %(message)s')\n"
+        "from prunelab.progress import progress\n"
+        "for _ in progress(range(3), desc='layers', unit='layer'):\n"
+        "    pass\n"
+    )
+    outputs = {}
+    for columns in (120, 0):
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=follower, stdout=follower, stderr=follower,
+                                env=dict(os.environ, PRUNELAB_PROGRESS_INTERVAL="0", COLUMNS="", LINES=""))
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        proc.wait(timeout=60)
+        os.close(leader)
+        outputs[columns] = b"".join(chunks).decode(errors="replace")
+    assert "layers: 100%" in outputs[120] and "3/3" in outputs[120] and "LOG layers" not in outputs[120]
+    assert re.search(r"LOG layers: 100%.*3/3", outputs[0]), outputs[0]
+
+
+def test_a_sequence_longer_than_a_learned_position_table_is_refused(tmp_path, default_tokenizer, data_root):
+    """GPT-2 has no position past n_positions: refuse before loading (rotary models only warn)."""
+    from hydra import compose, initialize_config_dir
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prunelab.cli import CONFIG_DIR
+    from prunelab.config.schema import ConfigError
+    from prunelab.runner import preflight
+
+    folder = tmp_path / "tiny-gpt2"
+    config = GPT2Config(vocab_size=len(default_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=hf", f"model.path={folder}", "eval.perplexity.seqlen=256",
+                                           f"data_root={data_root}", f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match="eval.perplexity.seqlen=256 is longer than .*=128 .*learned table"):
+        preflight(cfg)
+
+
+def test_a_hub_id_without_a_hub_is_not_looked_up_before_the_load(monkeypatch):
+    from prunelab.models.facts import read_model_facts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    assert read_model_facts({"source": "hf", "path": "meta-llama/Llama-2-7b-hf"}) is None
+    assert time.monotonic() - start < 5
 
 
 def test_help_says_what_prunelab_is(tmp_path, cache_dir, data_root):

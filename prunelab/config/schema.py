@@ -321,9 +321,9 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if needs_calibration and available_bytes:
-        dtype = str(cfg.model.dtype)
-        if dtype == "auto":  # as models.loading.resolve_dtype: bfloat16 on CUDA, float32 on the CPU
-            dtype = "float32" if available_on_cpu(cfg) else "bfloat16"
+        from prunelab.models.loading import resolve_device, resolve_dtype
+
+        dtype = resolve_dtype(str(cfg.model.dtype), resolve_device(str(cfg.device)))
         need = activation_bytes(facts, int(cfg.calib.nsamples), int(cfg.calib.seqlen), dtype)
         if need > available_bytes:
             raise ConfigError(
@@ -334,23 +334,22 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
         if need > available_bytes / 2:
             warnings.append(f"calibration activations take about {need / 2**30:.1f} GiB of {available_bytes / 2**30:.1f} GiB available")
     limit = facts.max_positions
-    if limit:
-        ppl_seqlen = cfg.eval.perplexity.seqlen
-        if cfg.eval.perplexity.enabled and ppl_seqlen is not None and int(ppl_seqlen) > limit:
-            warnings.append(
-                f"eval.perplexity.seqlen={ppl_seqlen} is longer than the model's max_position_embeddings={limit}: "
-                f"positions past {limit} were never trained, so this perplexity is not comparable"
+    lengths = []
+    if cfg.eval.perplexity.enabled and cfg.eval.perplexity.seqlen is not None:
+        lengths.append(("eval.perplexity.seqlen", int(cfg.eval.perplexity.seqlen)))
+    if needs_calibration:
+        lengths.append(("calib.seqlen", int(cfg.calib.seqlen)))
+    for key, length in lengths:
+        if not limit or length <= limit:
+            continue
+        if facts.learned_positions:  # GPT-2, OPT: the position table ends at the limit
+            raise ConfigError(
+                f"{key}={length} is longer than the model's max_position_embeddings={limit} and its positions are a "
+                f"learned table with no entry past {limit}; set {key}={limit} or less"
             )
-        if needs_calibration and int(cfg.calib.seqlen) > limit:
-            warnings.append(f"calib.seqlen={cfg.calib.seqlen} is longer than the model's max_position_embeddings={limit}")
+        warnings.append(
+            f"{key}={length} is longer than the model's max_position_embeddings={limit}: positions past {limit} "
+            f"were never trained, so numbers are not comparable with the papers'"
+        )
     return warnings
 
-
-def available_on_cpu(cfg: DictConfig) -> bool:
-    """Whether the model (``device``) is loaded on the CPU."""
-    device = str(cfg.device)
-    if device == "auto":
-        import torch
-
-        return not torch.cuda.is_available()
-    return device == "cpu"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-log = logging.getLogger(__name__)
+import torch
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,16 @@ class ModelFacts:
     num_layers: int
     hidden_size: int
     max_positions: int | None  # max_position_embeddings (None when the config has none)
-    source: str  # where the facts were read from
+    learned_positions: bool  # a position table (GPT-2, OPT): no position past max_positions exists
 
 
-def facts_of(config: Any, source: str) -> ModelFacts:
+def facts_of(config: Any) -> ModelFacts:
     """Facts from a transformers config (multimodal configs: their text model)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_positions = getattr(text, "max_position_embeddings", None)
-    return ModelFacts(int(text.num_hidden_layers), int(text.hidden_size), int(max_positions) if max_positions else None, source)
+    rotary = any(getattr(text, key, None) is not None for key in ("rope_parameters", "rope_scaling", "rope_theta"))
+    return ModelFacts(int(text.num_hidden_layers), int(text.hidden_size), int(max_positions) if max_positions else None,
+                      learned_positions=not rotary)
 
 
 def read_model_facts(
@@ -47,35 +49,39 @@ def read_model_facts(
     """
     from transformers import AutoConfig
 
+    from prunelab.data.sources import hub_offline, hub_reachable
+
     try:
         if model_cfg["source"] == "hf":
             path = Path(str(model_cfg["path"])).expanduser()
             location = str(path) if path.is_dir() else str(model_cfg["path"])
+            if not path.is_dir() and (hub_offline() or not hub_reachable()):
+                return None  # a hub id with no hub: the load says what is wrong, once
             config = AutoConfig.from_pretrained(
                 location, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code"))
             )
-            return facts_of(config, location)
+            return facts_of(config)
         if gguf_path is not None:
             converted = _converted_config(model_cfg, gguf_path, cache_dir)
             if converted is not None:
-                return facts_of(AutoConfig.from_pretrained(str(converted.parent)), str(converted))
+                return facts_of(AutoConfig.from_pretrained(str(converted.parent)))
             config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            return facts_of(config, str(gguf_path))
+            return facts_of(config)
     except Exception as err:  # offline hub id, unknown architecture: the load itself will say what is wrong
         log.debug("model config not readable before loading: %s", err)
     return None
 
 
-def activation_bytes(facts: ModelFacts, nsamples: int, seqlen: int, dtype: str) -> int:
+def activation_bytes(facts: ModelFacts, nsamples: int, seqlen: int, dtype: torch.dtype) -> int:
     """Bytes of one decoder layer's calibration inputs and outputs, which the engine holds at once."""
-    return 2 * nsamples * seqlen * facts.hidden_size * _DTYPE_BYTES.get(dtype, 4)
+    return 2 * nsamples * seqlen * facts.hidden_size * dtype.itemsize
 
 
 def _converted_config(model_cfg: Mapping[str, Any], gguf_path: Path, cache_dir: str | None) -> Path | None:
     """``config.json`` of the cached conversion of ``gguf_path``, when it exists."""
-    from prunelab.models.loading import cache_folder, sha256_file
+    from prunelab.models.loading import cache_folder, gguf_sha256
 
     if not cache_dir or not gguf_path.is_file():
         return None
-    config = cache_folder(str(model_cfg["name"]), sha256_file(gguf_path), cache_dir) / "config.json"
+    config = cache_folder(str(model_cfg["name"]), gguf_sha256(gguf_path), cache_dir) / "config.json"
     return config if config.is_file() else None

@@ -81,6 +81,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+_GGUF_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, hashed once per process while its inode, size and mtime stay the same
+    (preflight and the load both need it; a 7B GGUF takes seconds to hash)."""
+    info = Path(path).stat()
+    key = (str(Path(path).resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _GGUF_HASHES:
+        _GGUF_HASHES[key] = sha256_file(path)
+    return _GGUF_HASHES[key]
+
+
 def check_cache_name(name: str) -> None:
     """Refuse a name that cannot safely be one path part of a cache folder (raises ValueError)."""
     separators = [sep for sep in (os.sep, os.altsep) if sep]
@@ -254,7 +267,7 @@ def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
 def prepare_gguf_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> CachedModel:
     """Hash the configured GGUF, convert it on first use and verify the cached conversion."""
     gguf_path = _gguf_path(model_cfg)
-    actual = sha256_file(gguf_path)
+    actual = gguf_sha256(gguf_path)
     expected = model_cfg.get("sha256")
     if expected and actual != expected:
         raise ModelLoadError(
@@ -314,7 +327,8 @@ def load_model(
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only models already in the HF cache load)" if offline else ""
-        raise ModelLoadError(f"cannot load model {location!r}: {err}{hint}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {location!r}: {first_line}{hint}") from err
     model.to(device)
     model.eval()
     model.prunelab_source = source

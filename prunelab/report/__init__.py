@@ -140,8 +140,9 @@ def _failure_reason(folder: Path) -> str:
     return f"{status}: {message}" if message else status
 
 
-def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteRun]]:
-    """Read every ``results.json`` under ``folder`` and find job folders that did not complete.
+def collect_runs(folder: str | os.PathLike, log_incomplete: bool = True) -> tuple[list[Run], list[IncompleteRun]]:
+    """Read every ``results.json`` under ``folder`` and find job folders that did not complete
+    (each logged as a warning unless ``log_incomplete`` is False).
 
     Returns:
         ``(complete runs, incomplete runs)``, both sorted by folder name.
@@ -178,7 +179,7 @@ def collect_runs(folder: str | os.PathLike) -> tuple[list[Run], list[IncompleteR
         else:
             reason = f"no {RESULTS_FILE} (unfinished or killed)"
         incomplete[run_dir] = IncompleteRun(name=name, reason=reason, overrides=read_overrides(run_dir))
-    for item in incomplete.values():
+    for item in incomplete.values() if log_incomplete else ():
         log.warning("incomplete run %s", item.describe())
     log.info("%s: %d complete runs, %d incomplete", root, len(runs), len(incomplete))
     return runs, list(incomplete.values())

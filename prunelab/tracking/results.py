@@ -27,6 +27,13 @@ _PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (no window with umask 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     current = os.umask(0)
     os.umask(current)
     return current

@@ -23,7 +23,7 @@ def summarize(sweep_dir: Path) -> list[str]:
     """Log the sweep's outcome; return one line per job that did not complete (empty when all did)."""
     from prunelab.report import collect_runs
 
-    runs, incomplete = collect_runs(sweep_dir)
+    runs, incomplete = collect_runs(sweep_dir, log_incomplete=False)  # listed once, by SweepSummary
     total = len(runs) + len(incomplete)
     log.info("sweep %s: %d jobs, %d complete, %d not", sweep_dir, total, len(runs), len(incomplete))
     return [item.describe() for item in incomplete]
