@@ -274,7 +274,7 @@ def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, 
         if not report.summary.nm_ok:
             raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
     if report.masks is not None:
-        from prunelab.prune.io import save_masks
+        from prunelab.io.masks import save_masks
 
         with timer("save_masks"):
             save_masks(report.masks, run_dir / "masks.safetensors")

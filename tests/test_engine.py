@@ -16,7 +16,7 @@ from torch import nn
 from prunelab.models.adapters import get_adapter, select_modules
 from prunelab.prune.capture import capture_layer_inputs, run_layer
 from prunelab.prune.engine import check_pattern_fits, layerwise_forward, prune_model
-from prunelab.prune.io import (
+from prunelab.io.masks import (
     apply_masks,
     load_masks,
     load_pruned_weights,
@@ -27,7 +27,7 @@ from prunelab.prune.io import (
 from prunelab.prune.methods import build_method
 from prunelab.prune.methods.base import HESSIAN, SQ_NORM, InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
-from prunelab.prune.report import check_nm, measure_sparsity
+from prunelab.prune.summary import check_nm, measure_sparsity
 from tiny_models import BUILDERS, random_ids
 
 CPU = {"device": "cpu"}

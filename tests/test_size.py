@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunelab.eval.size import count_parameters, flops_per_token, measure_size, prunable_linears
-from prunelab.sparse_io import load_compressed, pack_bits, save_compressed, unpack_bits
+from prunelab.io.compressed import load_compressed, pack_bits, save_compressed, unpack_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -228,7 +228,7 @@ def _sparsify(model: torch.nn.Module, sparsity: float) -> None:
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_computed_disk_bytes_equal_the_written_files(tie: bool, dtype: torch.dtype, sparsity: float, tmp_path) -> None:
     from prunelab.eval.size import dense_bytes, dense_file_bytes
-    from prunelab.sparse_io import compressed_file_bytes
+    from prunelab.io.compressed import compressed_file_bytes
 
     model = tiny_llama(tie).to(dtype)
     _sparsify(model, sparsity)
@@ -241,7 +241,7 @@ def test_computed_disk_bytes_of_gpt2_with_buffers_and_mixed_dtypes(tmp_path) -> 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from prunelab.eval.size import dense_bytes, dense_file_bytes
-    from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes
+    from prunelab.io.compressed import compressed_file_bytes, safetensors_file_bytes
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()

@@ -12,7 +12,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from prunelab.config.schema import KNOWN_SIZE_DISK_MODES
-from prunelab.sparse_io import compressed_file_bytes, safetensors_file_bytes, save_compressed
+from prunelab.io.compressed import compressed_file_bytes, safetensors_file_bytes, save_compressed
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def measure_size(model: nn.Module, cfg: Any = None, out_dir: str | os.PathLike |
         "ratio": compressed / dense,
         "compressed_path": target,
         "measured_by": "written files" if how == "write" else "computed safetensors layout (no file written)",
-        "format": "safetensors (dense) vs bitmask + non-zero values (prunelab.sparse_io)",
+        "format": "safetensors (dense) vs bitmask + non-zero values (prunelab.io.compressed)",
     }
     log.info("size: whole model (embeddings and lm_head included) %d of %d parameters non-zero (%.2f%% zero); "
              "disk %d -> %d bytes compressed (x%.3f); %.3g FLOPs/token at %d",

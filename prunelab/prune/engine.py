@@ -44,7 +44,7 @@ from prunelab.progress import progress
 from prunelab.prune.capture import CapturedInputs, LayerCall, capture_layer_inputs, run_layer
 from prunelab.prune.methods.base import InputStats, PruningMethod
 from prunelab.prune.pattern import Pattern
-from prunelab.prune.report import ModuleRecord, PruneReport, measure_sparsity
+from prunelab.prune.summary import ModuleRecord, PruneReport, measure_sparsity
 
 log = logging.getLogger(__name__)
 

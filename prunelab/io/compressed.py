@@ -217,7 +217,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
     with safe_open(path, framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
         if METADATA_KEY not in metadata:
-            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: it was not written by prunelab.sparse_io.save_compressed")
+            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: it was not written by prunelab.io.compressed.save_compressed")
         meta = json.loads(metadata[METADATA_KEY])
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}; "
