@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -45,12 +45,15 @@ def _terminal() -> bool:
 
 
 def progress(iterable: Iterable[T], desc: str, unit: str = "it", total: int | None = None,
-             leave: bool = True, enabled: bool = True) -> Iterator[T]:
-    """Iterate over ``iterable`` showing ``desc``: k / N with time left (a bar, or log lines)."""
+             leave: bool = True, enabled: bool = True) -> tqdm:
+    """Iterate over ``iterable`` showing ``desc``: k / N with time left (a bar, or log lines).
+
+    Returns the tqdm object, so a loop can show more with ``set_postfix`` (loss, tokens/s).
+    """
     if not enabled:
-        return iter(iterable)
+        return tqdm(iterable, total=total, disable=True)
     if _terminal():
-        return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave, dynamic_ncols=True))
+        return tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave, dynamic_ncols=True)
     interval = float(os.environ.get("PRUNELAB_PROGRESS_INTERVAL", "30"))
-    return iter(tqdm(iterable, desc=desc, unit=unit, total=total, file=_LogLines(), mininterval=interval,
-                     maxinterval=interval * 4, ascii=True, ncols=100))
+    return tqdm(iterable, desc=desc, unit=unit, total=total, file=_LogLines(), mininterval=interval,
+                maxinterval=interval * 4, ascii=True, ncols=120)

@@ -228,6 +228,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if checked.method is not None:
             metrics["pruning"] = prune(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, run_dir)
             metrics["sparsity"] = metrics["pruning"].pop("summary")
+        if cfg.finetune.name != "none":
+            model, metrics["finetune"] = finetune(model, tokenizer, cfg, checked.method is not None, logger, timer)
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds
@@ -279,3 +281,57 @@ def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, 
         with timer("save_masks"):
             save_masks(report.masks, run_dir / "masks.safetensors")
     return report.to_dict()
+
+
+def finetune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, pruned: bool, logger: WandbLogger,
+             timer: Timer) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fine-tune the (pruned) model as ``cfg.finetune`` says, holding its pruned weights at zero.
+
+    Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
+    throughput, and the check that every pruned weight is still exactly zero.
+    """
+    from prunelab.io.masks import masks_from_model
+    from prunelab.train import lora
+    from prunelab.train.data import corpus_documents, pack_windows
+    from prunelab.train.loop import budget_steps, train
+
+    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
+    masks = masks_from_model(model, list(cfg.prune.targets), list(cfg.prune.skip)) if pruned else {}
+    with timer("finetune_data"):
+        documents, description = corpus_documents(ft, cfg.data_root)
+        count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
+        windows = pack_windows(documents, tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
+    with timer("finetune"):
+        trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
+        evaluate = _training_perplexity(trained, tokenizer, cfg) if ft.get("eval_every") else None
+        result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
+                       on_step=logger.log_step, evaluate=evaluate)
+        if ft["name"] == "lora":
+            model = lora.merge(trained, masks)
+    revived = _revived_weights(model, masks)
+    if revived:
+        raise RuntimeError(f"{revived} pruned weights are non-zero after fine-tuning: the masks did not hold")
+    result.update(corpus=description, windows=list(windows.shape), pruned_weights=sum(int((~m).sum()) for m in masks.values()),
+                  pruned_weights_revived=revived)
+    return model, result
+
+
+def _revived_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    params = dict(model.named_parameters())
+    return sum(int((params[name].detach().cpu()[~mask] != 0).sum()) for name, mask in masks.items())
+
+
+def _training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig):
+    """Perplexity on the first ``finetune.eval_windows`` windows of the first evaluation dataset."""
+    from prunelab.data.tokens import eval_stream
+    from prunelab.eval.perplexity import perplexity
+
+    name = cfg.eval.perplexity.datasets[0]
+    seqlen = int(cfg.eval.perplexity.seqlen or model.config.max_position_embeddings)
+    stream = eval_stream(sources.eval_source(name, cfg.data_root), tokenizer, seqlen)
+
+    def evaluate() -> dict[str, Any]:
+        result = perplexity(model, stream, seqlen, int(cfg.finetune.eval_windows), progress=False)
+        return {f"ppl_{name}": result["ppl"]}
+
+    return evaluate

@@ -115,6 +115,40 @@ class LoggerConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 8  # rank of B·A
+    alpha: float = 16.0  # scale alpha / r
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "none"  # none | masked (full fine-tuning, pruned weights held at zero) | lora (merged with the mask)
+    corpus: str = "c4"  # c4 (calibration side: local documents 1100+) | files | hub
+    files: list[str] = field(default_factory=list)  # corpus=files: .txt files or parquet files with a text column
+    hub_dataset: Optional[str] = None  # corpus=hub: dataset id with a text column
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    seqlen: int = 512  # tokens per training window
+    micro_batch: int = 1  # windows per forward
+    grad_accum: int = 2  # micro-batches per optimizer step
+    max_tokens: Optional[int] = 65536  # budget in tokens (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # budget in optimizer steps
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    scheduler: str = "cosine"  # any transformers.get_scheduler name: cosine | linear | constant_with_warmup | ...
+    max_grad_norm: float = 1.0
+    bf16: bool = True  # autocast to bfloat16 on CUDA (no effect on the CPU)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: Optional[int] = None  # perplexity every k steps (eval_windows windows of the first dataset)
+    eval_windows: int = 4
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class PruneEngineConfig:
     sequential: bool = True  # re-run each pruned layer so the next layer sees pruned inputs
     device: str = "auto"  # where one decoder layer is computed: auto | cpu | cuda | cuda:N
@@ -133,6 +167,7 @@ class PrunelabConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     prune: PruneEngineConfig = field(default_factory=PruneEngineConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation)
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...): N zeros in every M inputs
     seed: int = 0
@@ -147,10 +182,15 @@ class PrunelabConfig:
 _DATACLASSES = {
     cls.__name__: cls
     for cls in (ModelConfig, MethodConfig, AllocationConfig, CalibConfig, PerplexityConfig, ZeroShotConfig,
-                LatencyConfig, SizeConfig, EvalConfig, LoggerConfig, PruneEngineConfig)
+                LatencyConfig, SizeConfig, EvalConfig, LoggerConfig, PruneEngineConfig, FinetuneConfig, LoraConfig)
 }
 
-KNOWN_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "random")
+def known_methods() -> tuple[str, ...]:
+    """``dense`` (no pruning) and every registered pruning method (``prunelab.prune.methods.METHODS``)."""
+    from prunelab.prune.methods import METHODS
+
+    return ("dense", *sorted(METHODS))
+
 KNOWN_ALLOCATIONS = ("uniform", "owl", "explicit")
 KNOWN_TEXT_SOURCES = ("wikitext2", "c4")
 KNOWN_DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -224,7 +264,7 @@ def validate(cfg: DictConfig) -> Pattern:
         pattern = Pattern.parse(cfg.pattern)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _choice(cfg.method.name, KNOWN_METHODS, "method")
+    _choice(cfg.method.name, known_methods(), "method")
     if pattern.is_nm and abs(pattern.sparsity - sparsity) > 1e-9:
         raise ConfigError(
             f"pattern={pattern} fixes sparsity at {pattern.sparsity:g} but sparsity={sparsity:g}; "
@@ -276,6 +316,7 @@ def validate(cfg: DictConfig) -> Pattern:
     _choice(cfg.eval.size.disk, KNOWN_SIZE_DISK_MODES, "eval.size.disk")
     _choice(cfg.logger.name, KNOWN_LOGGERS, "logger.name")
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
+    validate_finetune(cfg.finetune)
     _check_device(cfg.device, "device")
     _check_device(cfg.prune.device, "prune.device")
     _positive(cfg.prune.batch_size, "prune.batch_size")
@@ -333,6 +374,14 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
             )
         if need > available_bytes / 2:
             warnings.append(f"calibration activations take about {need / 2**30:.1f} GiB of {available_bytes / 2**30:.1f} GiB available")
+    if cfg.finetune.name == "lora" and facts.linear_names:
+        from prunelab.train.lora import unknown_targets
+
+        unknown = unknown_targets(list(cfg.finetune.lora.targets), facts.linear_names)
+        if unknown:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in facts.linear_names})
+            raise ConfigError(f"finetune.lora.targets: {', '.join(unknown)} name no Linear module of this model; "
+                              f"its Linear modules end in: {', '.join(suffixes)}")
     limit = facts.max_positions
     lengths = []
     if cfg.eval.perplexity.enabled and cfg.eval.perplexity.seqlen is not None:
@@ -353,3 +402,45 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
         )
     return warnings
 
+
+
+KNOWN_FINETUNES = ("none", "masked", "lora")
+KNOWN_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def validate_finetune(ft: DictConfig) -> None:
+    """Fine-tuning settings that can be checked without the model."""
+    from prunelab.train.data import KNOWN_CORPORA
+
+    _choice(ft.name, KNOWN_FINETUNES, "finetune")
+    if ft.name == "none":
+        return
+    _choice(ft.corpus, KNOWN_CORPORA, "finetune.corpus")
+    if ft.corpus == "files":
+        if not ft.files:
+            raise ConfigError("finetune.corpus=files needs finetune.files=[<.txt or .parquet files>]")
+        for name in ft.files:
+            if not os.path.isfile(os.path.expanduser(str(name))):
+                raise ConfigError(f"finetune.files: {name!r} is not a file")
+    if ft.corpus == "hub" and not ft.hub_dataset:
+        raise ConfigError("finetune.corpus=hub needs finetune.hub_dataset=<dataset id>")
+    for key in ("seqlen", "micro_batch", "grad_accum", "eval_windows"):
+        _positive(ft[key], f"finetune.{key}")
+    if ft.max_steps is None and (ft.max_tokens is None or int(ft.max_tokens) < 1):
+        raise ConfigError(f"finetune.max_tokens={ft.max_tokens} gives no training; set a positive token budget "
+                          f"(finetune.max_tokens=65536) or finetune.max_steps")
+    if ft.max_steps is not None:
+        _positive(ft.max_steps, "finetune.max_steps")
+    if ft.eval_every is not None:
+        _positive(ft.eval_every, "finetune.eval_every")
+    if not float(ft.lr) > 0:
+        raise ConfigError(f"finetune.lr={ft.lr} must be positive")
+    if int(ft.warmup_steps) < 0 or float(ft.weight_decay) < 0 or not float(ft.max_grad_norm) > 0:
+        raise ConfigError("finetune.warmup_steps and finetune.weight_decay must be >= 0 and finetune.max_grad_norm > 0")
+    _choice(ft.scheduler, KNOWN_SCHEDULERS, "finetune.scheduler")
+    if ft.name == "lora":
+        _positive(ft.lora.r, "finetune.lora.r")
+        if not 0.0 <= float(ft.lora.dropout) < 1.0:
+            raise ConfigError(f"finetune.lora.dropout={ft.lora.dropout} must lie in [0, 1)")
+        if not ft.lora.targets:
+            raise ConfigError("finetune.lora.targets is empty; name Linear modules such as q_proj, down_proj")

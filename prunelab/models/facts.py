@@ -25,6 +25,7 @@ class ModelFacts:
     hidden_size: int
     max_positions: int | None  # max_position_embeddings (None when the config has none)
     learned_positions: bool  # a position table (GPT-2, OPT): no position past max_positions exists
+    linear_names: tuple[str, ...] = ()  # full names of the Linear (and GPT-2 Conv1D) modules
 
 
 def facts_of(config: Any) -> ModelFacts:
@@ -33,7 +34,22 @@ def facts_of(config: Any) -> ModelFacts:
     max_positions = getattr(text, "max_position_embeddings", None)
     rotary = any(getattr(text, key, None) is not None for key in ("rope_parameters", "rope_scaling", "rope_theta"))
     return ModelFacts(int(text.num_hidden_layers), int(text.hidden_size), int(max_positions) if max_positions else None,
-                      learned_positions=not rotary)
+                      learned_positions=not rotary, linear_names=linear_module_names(config))
+
+
+def linear_module_names(config: Any) -> tuple[str, ...]:
+    """Names of the Linear modules of the model a config describes, built on the meta device (no memory,
+    milliseconds); empty when transformers cannot build it from the config alone."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # remote code, unknown architecture: the check is skipped
+        log.debug("no meta model for %s: %s", type(config).__name__, err)
+        return ()
+    return tuple(name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)))
 
 
 def read_model_facts(

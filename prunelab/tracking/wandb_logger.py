@@ -56,6 +56,12 @@ class WandbLogger:
         for key, value in flatten(metrics).items():
             self.run.summary[key] = value
 
+    def log_step(self, record: Mapping[str, Any]) -> None:
+        """Stream one training step (loss, learning rate, tokens, ...) as it happens, under ``train/``."""
+        if self.run is None:
+            return
+        self.run.log({f"train/{k}": v for k, v in flatten(record).items() if k != "step"}, step=int(record["step"]))
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is None:
             return

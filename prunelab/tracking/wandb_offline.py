@@ -45,11 +45,13 @@ def _payloads(data: bytes) -> Iterator[bytes]:
 
 
 def read_offline_run(run_file: str | Path) -> dict[str, Any]:
-    """Return ``{"run_id", "config", "summary"}`` of an offline run file (last value of each key wins)."""
+    """Return ``{"run_id", "config", "summary", "history"}`` of an offline run file: the summary with the last
+    value of each key, the history as one dict per logged step (``run.log``), in the order written."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     config: dict[str, Any] = {}
     summary: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
     run_id = None
     for payload in _payloads(Path(run_file).read_bytes()):
         record = pb.Record()
@@ -66,4 +68,6 @@ def read_offline_run(run_file: str | Path) -> dict[str, Any]:
             for item in record.summary.update:
                 key = item.key or "/".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
-    return {"run_id": run_id, "config": config, "summary": summary}
+        elif kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return {"run_id": run_id, "config": config, "summary": summary, "history": history}

@@ -1,0 +1,83 @@
+"""Token windows to train on: text that is never evaluation text.
+
+``corpus=c4`` reads the calibration side of C4 (local documents 1100+, or the hub's train shard),
+``corpus=files`` local ``.txt`` files or parquet files with a ``text`` column, ``corpus=hub`` any hub
+dataset with a ``text`` column. Documents are shuffled with the fine-tuning seed, tokenized, joined
+with the EOS token and cut into windows of ``seqlen`` tokens until the budget is met.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KNOWN_CORPORA = ("c4", "files", "hub")
+
+
+class TrainDataError(ValueError):
+    """The fine-tuning corpus cannot provide what the settings ask for."""
+
+
+def corpus_documents(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> tuple[list[str], str]:
+    """``(documents, description)`` of the configured corpus."""
+    corpus = cfg["corpus"]
+    if corpus == "c4":
+        from prunelab.data.sources import c4_calibration
+
+        source = c4_calibration(data_root)
+        return source.documents, f"{source.description} ({source.origin})"
+    if corpus == "files":
+        documents: list[str] = []
+        for name in cfg["files"]:
+            path = Path(name).expanduser()
+            if path.suffix == ".parquet":
+                from prunelab.data.sources import _read_parquet_column
+
+                documents.extend(_read_parquet_column(path))
+            else:
+                documents.append(path.read_text())
+        return documents, f"{len(cfg['files'])} local file(s)"
+    if corpus == "hub":
+        import datasets
+
+        data = datasets.load_dataset(cfg["hub_dataset"], cfg.get("hub_config"), split=cfg.get("hub_split", "train"))
+        return list(data["text"]), f"hub:{cfg['hub_dataset']}"
+    raise TrainDataError(f"finetune.corpus={corpus!r} is not valid; allowed values: {', '.join(KNOWN_CORPORA)}")
+
+
+def pack_windows(documents: Iterable[str], tokenizer: Any, seqlen: int, count: int, seed: int) -> torch.Tensor:
+    """``LongTensor[count, seqlen]``: shuffled documents joined with EOS, cut into windows.
+
+    Stops tokenizing once ``count`` windows are full; when the corpus holds fewer, the windows are
+    repeated (epochs) and a warning says so.
+    """
+    documents = [d for d in documents if d and d.strip()]
+    if not documents:
+        raise TrainDataError("the fine-tuning corpus holds no text")
+    random.Random(seed).shuffle(documents)
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    windows: list[list[int]] = []
+    for text in documents:
+        buffer.extend(tokenizer(text).input_ids)
+        if eos is not None:
+            buffer.append(eos)
+        while len(buffer) >= seqlen and len(windows) < count:
+            windows.append(buffer[:seqlen])
+            buffer = buffer[seqlen:]
+        if len(windows) == count:
+            break
+    if not windows:
+        raise TrainDataError(f"the fine-tuning corpus holds fewer than finetune.seqlen={seqlen} tokens")
+    if len(windows) < count:
+        log.warning("fine-tuning corpus gives %d windows of %d tokens; the budget needs %d: repeating them",
+                    len(windows), seqlen, count)
+        windows = [windows[i % len(windows)] for i in range(count)]
+    return torch.tensor(windows, dtype=torch.long)

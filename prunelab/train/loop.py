@@ -1,0 +1,129 @@
+"""The training loop: causal-LM loss, AdamW, warm-up + schedule, accumulation, clipping, masks held.
+
+A short loop of our own rather than ``transformers.Trainer``: the masks must be re-applied after
+every optimizer step and the loop must stream per-step records to the caller (W&B); Trainer would
+need a callback and a custom optimizer step for each. The pieces that exist are reused:
+``transformers.get_scheduler`` for warm-up + cosine/linear/constant, ``torch.nn.utils.clip_grad_norm_``,
+``torch.autocast`` for bf16 on CUDA, the model's own gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.progress import progress
+from prunelab.train.masks import MaskGuard
+
+log = logging.getLogger(__name__)
+
+
+def budget_steps(cfg: Mapping[str, Any]) -> int:
+    """Optimizer steps the budget allows: ``max_steps``, or ``max_tokens`` over the tokens of one step."""
+    if cfg.get("max_steps"):
+        return int(cfg["max_steps"])
+    per_step = int(cfg["seqlen"]) * int(cfg["micro_batch"]) * int(cfg["grad_accum"])
+    return max(1, math.ceil(int(cfg["max_tokens"]) / per_step))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters."""
+    return torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    model: nn.Module,
+    windows: torch.Tensor,
+    cfg: Mapping[str, Any],
+    masks: Mapping[str, torch.Tensor] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    evaluate: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``windows`` (``[N, seqlen]`` token ids) for the configured budget.
+
+    Args:
+        cfg: the ``finetune`` node (lr, weight_decay, warmup_steps, scheduler, micro_batch, grad_accum,
+            max_steps / max_tokens, max_grad_norm, bf16, gradient_checkpointing, seed, eval_every).
+        masks: keep-masks (parameter name → bool); their pruned entries stay exactly zero.
+        on_step: called after every optimizer step with that step's record (W&B streaming).
+        evaluate: called every ``eval_every`` steps and at the end; its dict joins the record.
+
+    Returns:
+        ``{"steps", "tokens", "seconds", "tokens_per_s", "history": [per-step records], "evals": [...]}``.
+    """
+    steps = budget_steps(cfg)
+    micro, accum = int(cfg["micro_batch"]), int(cfg["grad_accum"])
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    torch.manual_seed(int(cfg["seed"]))
+    order = torch.randperm(windows.shape[0], generator=generator)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, cfg)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(str(cfg["scheduler"]), optimizer, num_warmup_steps=int(cfg["warmup_steps"]),
+                              num_training_steps=steps)
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    eval_every = int(cfg.get("eval_every") or 0)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    guard = MaskGuard(model, masks or {})
+    model.train()
+    tokens = 0
+    start = time.perf_counter()
+    try:
+        with guard:
+            bar = progress(range(steps), desc="fine-tune", unit="step")
+            for step in bar:
+                loss_sum = 0.0
+                for micro_index in range(accum):
+                    first = (step * accum + micro_index) * micro
+                    rows = order[torch.arange(first, first + micro) % windows.shape[0]]
+                    batch = windows[rows].to(device)
+                    with _autocast(device, bool(cfg.get("bf16", True))):
+                        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    (loss / accum).backward()
+                    loss_sum += float(loss.detach())
+                    tokens += batch.numel()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                guard.reapply()
+                elapsed = time.perf_counter() - start
+                record = {"step": step + 1, "loss": loss_sum / accum, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+                if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                    model.eval()
+                    record["eval"] = evaluate()
+                    evals.append({"step": step + 1, **record["eval"]})
+                    model.train()
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if on_step is not None:
+                    on_step(record)
+    finally:
+        model.eval()
+        if cfg.get("gradient_checkpointing"):
+            model.gradient_checkpointing_disable()
+    seconds = time.perf_counter() - start
+    if evaluate is not None and eval_every:
+        evals.append({"step": steps, **evaluate()})
+    log.info("fine-tuned %d steps, %d tokens in %.1f s (%.0f tokens/s); loss %.4f -> %.4f", steps, tokens, seconds,
+             tokens / seconds, history[0]["loss"], history[-1]["loss"])
+    return {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "pruned_weights_held": guard.pruned_count(), "history": history, "evals": evals}
