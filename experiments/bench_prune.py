@@ -82,7 +82,8 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    from prunelab.prune.engine import layerwise_forward, prune_model, resolve_device
+    from prunelab.models.loading import resolve_device
+    from prunelab.prune.engine import layerwise_forward, prune_model
     from prunelab.prune.methods import build_method
 
     if args.threads:
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_mean = sum(r["total_s"] for r in dense_runs) / len(dense_runs)
     for row in rows:
         row["ratio"] = row["total_s"] / dense_mean
-    from prunelab.prune.engine import resolve_device
+    from prunelab.models.loading import resolve_device
 
     device = resolve_device(args.device)
     env = {

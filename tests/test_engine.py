@@ -251,7 +251,7 @@ def test_stats_do_not_depend_on_batch_size():
 
 def test_statistics_are_shared_only_for_the_same_unmodified_input():
     from prunelab.models.adapters import PrunableModule
-    from prunelab.prune.engine import _StatsCollector
+    from prunelab.prune.stats import StatsCollector as _StatsCollector
 
     class Toy(nn.Module):
         def __init__(self):
@@ -324,16 +324,16 @@ def test_explicit_allocation_sets_each_layer():
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_owl_ratios_match_a_dense_reference(method, monkeypatch):
-    from prunelab.prune import engine as engine_module
+    from prunelab.prune import stats as stats_module
 
     collected: list[frozenset] = []
 
-    class SpyCollector(engine_module._StatsCollector):
+    class SpyCollector(stats_module.StatsCollector):
         def __init__(self, modules, needs, device):
             collected.append(needs)
             super().__init__(modules, needs, device)
 
-    monkeypatch.setattr(engine_module, "_StatsCollector", SpyCollector)
+    monkeypatch.setattr(stats_module, "StatsCollector", SpyCollector)
     dense = BUILDERS["llama"]()
     ids = random_ids(nsamples=2, seqlen=16)
     model = copy.deepcopy(dense)

@@ -1,1 +1,1 @@
-"""Pruning: layer-wise engine, masks, allocation and methods."""
+"""Pruning: layer-wise engine (with its layer conveyor and input statistics), masks, allocation and methods."""

@@ -1,22 +1,55 @@
 """Per-decoder-layer sparsity targets: uniform, OWL, explicit ranges, and global magnitude.
 
-Pure functions: the engine gathers the scores or weights, these turn them into targets.
+The engine asks two questions and names no allocation: :func:`layer_targets` (one target per
+decoder layer, from the ``allocation`` config) and :func:`module_targets` (one per targeted
+module: the layer's target, or a share of one global |W| threshold when the method's
+``global_scope`` says so). OWL needs the dense model's scores first: it hands the engine's
+:data:`ScorePass` a reduction (:func:`outlier_ratio`), and the engine walks the dense model once,
+reducing each layer's per-weight scores. Everything below those two entry points is a pure
+function of scores, weights and numbers.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+from prunelab.config.schema import KNOWN_ALLOCATIONS, AllocationConfig
+from prunelab.models.adapters import PrunableModule
 from prunelab.progress import progress as show_progress
 from prunelab.prune.masks import prune_count
+from prunelab.prune.pattern import Pattern
 
 log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_DEFAULTS = AllocationConfig()  # the ``allocation:`` defaults, defined once in the schema
+
+LayerReduce = Callable[[Sequence[torch.Tensor]], float]
+
+
+class ScorePass(Protocol):
+    """One walk over the dense model that reduces each decoder layer's per-weight scores.
+
+    Called with the reduction, a timing phase and a progress label; returns one value per layer
+    (None where no module of the layer is targeted). The engine supplies it; scores come from
+    ``PruningMethod.outlier_scores``.
+    """
+
+    def __call__(self, reduce: LayerReduce, phase: str, desc: str) -> list[float | None]: ...
+
+
+@dataclass
+class LayerTargets:
+    """Per-layer targets and, for OWL, the outlier ratios they came from (None: no module targeted)."""
+
+    targets: list[float]
+    outlier_ratios: list[float | None] | None = None
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -189,3 +222,65 @@ def global_magnitude(
     threshold = torch.tensor([threshold_bits], dtype=torch.int32).view(torch.float32).item()
     log.info("global magnitude: |W| threshold %.6g prunes %d of %d weights", threshold, k, total)
     return result
+
+
+# ---------------------------------------------------------------------------------- entry points
+def allocation_name(allocation: Mapping[str, Any]) -> str:
+    return str(allocation.get("name", _DEFAULTS.name))
+
+
+def check_allocation(allocation: Mapping[str, Any], pattern: Pattern, global_scope: bool) -> None:
+    """Refuse an unknown allocation, and any non-uniform one (or a global scope) with an N:M pattern."""
+    name = allocation_name(allocation)
+    if name not in KNOWN_ALLOCATIONS:
+        known = ", ".join(KNOWN_ALLOCATIONS[:-1]) + " or " + KNOWN_ALLOCATIONS[-1]
+        raise ValueError(f"allocation={name!r} is not known; use {known}")
+    if pattern.is_nm and (name != "uniform" or global_scope):
+        what = f"allocation={name}" if name != "uniform" else "method.params.scope=global"
+        raise ValueError(f"{what} needs pattern=unstructured (N:M fixes every layer's sparsity)")
+
+
+def describe(allocation: Mapping[str, Any], global_scope: bool) -> str:
+    """The allocation as the report names it (``owl``, ``uniform (global magnitude)``)."""
+    return allocation_name(allocation) + (" (global magnitude)" if global_scope else "")
+
+
+def layer_targets(
+    allocation: Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
+) -> LayerTargets:
+    """One target per decoder layer from the ``allocation`` config (``name``, ``lam``, ``m``, ``layers``).
+
+    ``score_pass`` runs only for OWL (its outlier pre-pass on the dense model).
+    """
+    name = allocation_name(allocation)
+    if name == "explicit":
+        return LayerTargets(explicit(allocation.get("layers") or {}, num_layers, sparsity))
+    if name == "owl":
+        return owl_targets(allocation, sparsity, num_layers, score_pass)
+    return LayerTargets(uniform(num_layers, sparsity))
+
+
+def owl_targets(
+    allocation: Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
+) -> LayerTargets:
+    """OWL over the layers with targeted modules; the others keep ``sparsity``."""
+    m = float(allocation.get("m", _DEFAULTS.m))
+    ratios = score_pass(lambda scores: outlier_ratio(scores, m), phase="owl_prepass", desc="OWL outlier pre-pass")
+    log.info("OWL outlier ratios (m=%g): %s", m, ", ".join("-" if r is None else f"{r:.4f}" for r in ratios))
+    pruned = [i for i, r in enumerate(ratios) if r is not None]  # layers with targets
+    lam = float(allocation.get("lam", _DEFAULTS.lam))
+    spread = owl([ratios[i] for i in pruned], sparsity, lam)
+    targets = [sparsity] * num_layers
+    for i, target in zip(pruned, spread):
+        targets[i] = target
+    return LayerTargets(targets, ratios)
+
+
+def module_targets(
+    modules: Sequence[PrunableModule], layer_targets: Sequence[float], sparsity: float, global_scope: bool
+) -> dict[str, float]:
+    """Each module's target by full name: its layer's, or from one |W| threshold (``global_scope``)."""
+    if global_scope:
+        weights = {m.full_name: m.get_weight() for m in modules}
+        return global_magnitude(weights, sparsity)
+    return {m.full_name: layer_targets[m.layer] for m in modules}

@@ -119,7 +119,8 @@ def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
     setattr(parent, attr, value)
 
 
-def _home_device(module: nn.Module) -> torch.device:
+def home_device(module: nn.Module) -> torch.device:
+    """Where ``module`` keeps its first parameter (or buffer); CPU when it has neither."""
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -140,7 +141,7 @@ def capture_layer_inputs(
     sink = _Sink(len(layers))
     recorders = nn.ModuleList([_Recorder(i, layer, sink) for i, layer in enumerate(layers)])
     _set_path(adapter.backbone, adapter.spec.layers, recorders)
-    home = _home_device(adapter.backbone)
+    home = home_device(adapter.backbone)
     try:
         adapter.backbone.to(device)
         for ids in progress(batches, desc="calibration forward (record layer inputs)", unit="batch", leave=False):

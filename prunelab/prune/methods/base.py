@@ -2,7 +2,7 @@
 
 The engine owns hooks, devices and data flow; a method is pure tensor math on one weight matrix
 laid out ``[out_features, in_features]`` (the engine transposes GPT-2's Conv1D) plus the input
-statistics it asked for.
+statistics it asked for (``InputStats``, defined in ``prunelab.prune.stats`` and re-exported here).
 """
 
 from __future__ import annotations
@@ -14,32 +14,9 @@ from typing import Any, ClassVar
 import torch
 
 from prunelab.prune.pattern import Pattern
+from prunelab.prune.stats import HESSIAN, SQ_NORM, InputStats
 
-SQ_NORM = "sq_norm"  # per input feature: sum over calibration tokens of x_j^2, shape [in]
-HESSIAN = "hessian"  # sum over calibration tokens of x x^T, shape [in, in]
-
-
-class InputStats:
-    """Running sums of what a Linear receives during calibration (kept in float32)."""
-
-    def __init__(self, in_features: int, needs: frozenset[str], device: torch.device | str = "cpu"):
-        self.in_features = in_features
-        self.ntokens = 0
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if SQ_NORM in needs else None
-        self.hessian = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if HESSIAN in needs else None
-        )
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs of any leading shape ``[..., in_features]``."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        if self.sq_norm is not None:
-            self.sq_norm += x.pow(2).sum(dim=0).to(self.sq_norm.device)
-        if self.hessian is not None:
-            x = x.to(self.hessian.device)
-            self.hessian.addmm_(x.t(), x)
-        self.ntokens += x.shape[0]
+__all__ = ["HESSIAN", "SQ_NORM", "InputStats", "PruneResult", "PruningMethod"]
 
 
 @dataclass
@@ -61,6 +38,15 @@ class PruningMethod(ABC):
 
     def __init__(self, **params: Any):
         self.params = params
+
+    @property
+    def global_scope(self) -> bool:
+        """True when each module's target comes from one |W| threshold over all targeted modules.
+
+        ``prunelab.prune.allocation.module_targets`` then ignores the per-layer targets and uses
+        ``global_magnitude``; False (the default) keeps the per-layer targets.
+        """
+        return False
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:

@@ -15,10 +15,10 @@ class MagnitudePruning(PruningMethod):
     """|W| compared across the whole weight matrix (N:M: within each group of M inputs).
 
     ``scope`` says where the per-module sparsity comes from: ``layer`` uses the engine's target
-    as it is; ``global`` asks the engine to derive each module's target from one |W| threshold
-    over all targeted modules (``prunelab.prune.allocation.global_magnitude``). Either way this
-    class then applies a per-matrix threshold at the sparsity it is given, which reproduces the
-    global selection exactly.
+    as it is; ``global`` (``global_scope``) has the allocation derive each module's target from
+    one |W| threshold over all targeted modules (``prunelab.prune.allocation.global_magnitude``).
+    Either way this class then applies a per-matrix threshold at the sparsity it is given, which
+    reproduces the global selection exactly.
     """
 
     name = "magnitude"
@@ -28,6 +28,10 @@ class MagnitudePruning(PruningMethod):
             raise ValueError(f"method.params.scope={scope!r} is not valid for magnitude; use one of {', '.join(SCOPES)}")
         super().__init__(scope=scope)
         self.scope = scope
+
+    @property
+    def global_scope(self) -> bool:
+        return self.scope == "global"
 
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
