@@ -21,6 +21,7 @@ import torch
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab import steps
 from prunelab.config.schema import ConfigError, validate, validate_for_model
 from prunelab.data import sources
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
@@ -45,8 +46,9 @@ class Timer:
         start = time.perf_counter()
         try:
             yield
-        finally:
-            self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        finally:  # a phase run again (schedules) adds up
+            key = f"{name}_s"
+            self.seconds[key] = round(self.seconds.get(key, 0.0) + time.perf_counter() - start, 3)
         self.phase = outer  # left unchanged on an error, so the failure record names the phase
 
 
@@ -112,7 +114,7 @@ def preflight(cfg: DictConfig) -> Checked:
             method = build_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from None
-        if needs_calibration(cfg, method):
+        if steps.needs_calibration(method):
             sources.check_available(cfg.calib.source, cfg.data_root, purpose="calib")
     if cfg.eval.perplexity.enabled:
         for name in cfg.eval.perplexity.datasets:
@@ -131,7 +133,7 @@ def preflight(cfg: DictConfig) -> Checked:
     warnings: list[str] = []
     facts = read_model_facts(OmegaConf.to_container(cfg.model, resolve=True), model_gguf_path(cfg), cfg.cache_dir)
     if facts is not None:
-        warnings = validate_for_model(cfg, facts, available_memory(str(cfg.prune.device)), needs_calibration(cfg, method))
+        warnings = validate_for_model(cfg, facts, available_memory(str(cfg.prune.device)), steps.needs_calibration(method))
     elif cfg.allocation.name == "explicit":
         log.warning("the model's layer count is not known before loading: allocation.layers is checked after the load")
     for warning in warnings:
@@ -148,11 +150,6 @@ def model_gguf_path(cfg: DictConfig) -> Path | None:
     from prunelab.models.loading import locate_packaged_gguf
 
     return locate_packaged_gguf(cfg.model.package, cfg.model.gguf_file)
-
-
-def needs_calibration(cfg: DictConfig, method: Any) -> bool:
-    """Methods that score with input statistics need calibration windows (OWL then reuses them)."""
-    return bool(method is not None and method.needs)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -226,10 +223,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
         if checked.method is not None:
-            metrics["pruning"] = prune(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, run_dir)
-            metrics["sparsity"] = metrics["pruning"].pop("summary")
-        if cfg.finetune.name != "none":
-            model, metrics["finetune"] = finetune(model, tokenizer, cfg, checked.method is not None, logger, timer)
+            model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device)
+            metrics.update(scheduled)
+        elif cfg.finetune.name != "none":
+            model, metrics["finetune"] = steps.finetune(model, tokenizer, cfg, {}, logger.log_step, timer)
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds
@@ -247,91 +244,38 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
-def prune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern, payload: dict[str, Any], timer: Timer, run_dir: Path) -> dict[str, Any]:
-    """Calibrate (when the method needs it) and prune the model in place; return the report."""
-    from prunelab.prune.engine import check_pattern_fits, prune_model
+def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checked: Checked, payload: dict[str, Any],
+                 timer: Timer, logger: WandbLogger, run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Prune (and fine-tune) as ``cfg.schedule`` says; returns the model to evaluate and its metrics.
 
-    engine_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
-    with timer("check_pattern"):
-        try:
-            check_pattern_fits(model, pattern, engine_cfg["targets"], engine_cfg["skip"])
-        except ValueError as error:  # the model's widths are known only once it is loaded
-            raise ConfigError(str(error)) from None
-    calib_ids = None
-    if needs_calibration(cfg, method):
-        from prunelab.data.calibration import get_calibration
-
-        with timer("calibration_data"):
-            calib_ids, payload["calibration"] = get_calibration(tokenizer, cfg.calib, cfg.data_root, cfg.cache_dir)
-    with timer("prune"):
-        report = prune_model(
-            model,
-            method,
-            calib_ids,
-            float(cfg.sparsity),
-            pattern,
-            OmegaConf.to_container(cfg.allocation, resolve=True),
-            engine_cfg,
-        )
-        if not report.summary.nm_ok:
-            raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
-    if report.masks is not None:
-        from prunelab.io.masks import save_masks
-
-        with timer("save_masks"):
-            save_masks(report.masks, run_dir / "masks.safetensors")
-    return report.to_dict()
-
-
-def finetune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, pruned: bool, logger: WandbLogger,
-             timer: Timer) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fine-tune the (pruned) model as ``cfg.finetune`` says, holding its pruned weights at zero.
-
-    Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
-    throughput, and the check that every pruned weight is still exactly zero.
+    One-shot keeps today's record (``pruning``, ``sparsity``, ``finetune``); iterative and lottery add
+    ``schedule`` with the trajectory, and lottery's controls, each evaluated with the run's preset.
     """
-    from prunelab.io.masks import masks_from_model
-    from prunelab.train import lora
-    from prunelab.train.data import corpus_documents, pack_windows
-    from prunelab.train.loop import budget_steps, train
+    from prunelab.schedules import drivers
+    from prunelab.schedules.job import RunJob
 
-    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
-    masks = masks_from_model(model, list(cfg.prune.targets), list(cfg.prune.skip)) if pruned else {}
-    with timer("finetune_data"):
-        documents, description = corpus_documents(ft, cfg.data_root)
-        count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
-        windows = pack_windows(documents, tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
-    with timer("finetune"):
-        trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
-        evaluate = _training_perplexity(trained, tokenizer, cfg) if ft.get("eval_every") else None
-        result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
-                       on_step=logger.log_step, evaluate=evaluate)
-        if ft["name"] == "lora":
-            model = lora.merge(trained, masks)
-    revived = _revived_weights(model, masks)
-    if revived:
-        raise RuntimeError(f"{revived} pruned weights are non-zero after fine-tuning: the masks did not hold")
-    result.update(corpus=description, windows=list(windows.shape), pruned_weights=sum(int((~m).sum()) for m in masks.values()),
-                  pruned_weights_revived=revived)
-    return model, result
-
-
-def _revived_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    params = dict(model.named_parameters())
-    return sum(int((params[name].detach().cpu()[~mask] != 0).sum()) for name, mask in masks.items())
-
-
-def _training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig):
-    """Perplexity on the first ``finetune.eval_windows`` windows of the first evaluation dataset."""
-    from prunelab.data.tokens import eval_stream
-    from prunelab.eval.perplexity import perplexity
-
-    name = cfg.eval.perplexity.datasets[0]
-    seqlen = int(cfg.eval.perplexity.seqlen or model.config.max_position_embeddings)
-    stream = eval_stream(sources.eval_source(name, cfg.data_root), tokenizer, seqlen)
-
-    def evaluate() -> dict[str, Any]:
-        result = perplexity(model, stream, seqlen, int(cfg.finetune.eval_windows), progress=False)
-        return {f"ppl_{name}": result["ppl"]}
-
-    return evaluate
+    job = RunJob(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, logger, run_dir)
+    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
+    finetuning = cfg.finetune.name != "none"
+    schedule = drivers.run(cfg.schedule.name, job, schedule_cfg, float(cfg.sparsity), finetuning)
+    metrics: dict[str, Any] = {"pruning": dict(job.reports[-1])}
+    metrics["sparsity"] = metrics["pruning"].pop("summary")
+    if cfg.schedule.name == "oneshot":
+        if finetuning:
+            metrics["finetune"] = schedule["finetune"][-1]
+        return job.model, metrics
+    if cfg.schedule.name == "lottery":
+        ticket_masks, rewind_to = schedule.pop("ticket_masks"), schedule.pop("rewind_weights")
+        ticket = job.weights()
+        schedule["controls"] = {}
+        for branch in cfg.schedule.controls:
+            with timer(f"control_{branch}"):
+                result = drivers.control(job, branch, ticket_masks, rewind_to, schedule["targets"][-1], int(cfg.seed))
+                result["evaluation"] = evaluate(job.model, tokenizer, cfg, device, run_dir, timer)
+            schedule["controls"][branch] = result
+        job.rewind(ticket, ticket_masks)  # the run's own evaluation is the ticket's
+    logger.log_table(f"schedule/{cfg.schedule.name}", ["point", "target", "achieved", "ppl"],
+                     [[i, p.get("target"), p.get("achieved"), next((v for k, v in p.items() if k.startswith("ppl_")), None)]
+                      for i, p in enumerate(schedule["trajectory"], 1)])
+    metrics["schedule"] = schedule
+    return job.model, metrics

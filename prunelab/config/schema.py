@@ -149,6 +149,19 @@ class FinetuneConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    name: str = "oneshot"  # oneshot | iterative | lottery
+    steps: int = 4  # iterative: pruning steps, each followed by the finetune budget
+    rule: str = "cubic"  # iterative: cubic (Zhu & Gupta) | linear | constant_fraction
+    initial_sparsity: float = 0.0  # iterative: s_0 of the rule (the last step reaches `sparsity`)
+    rounds: int = 3  # lottery: rounds of train, prune `rate` of the survivors, rewind
+    rate: float = 0.2  # lottery: fraction of the surviving weights pruned each round
+    rewind_step: int = 0  # lottery: rewind to the weights after k steps of the first training (0: pretrained)
+    controls: list[str] = field(default_factory=list)  # lottery: random | oneshot, each trained with the ticket's budget
+    eval_windows: int = 4  # perplexity windows recorded at every step / round
+
+
+@dataclass
 class PruneEngineConfig:
     sequential: bool = True  # re-run each pruned layer so the next layer sees pruned inputs
     device: str = "auto"  # where one decoder layer is computed: auto | cpu | cuda | cuda:N
@@ -168,6 +181,7 @@ class PrunelabConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     prune: PruneEngineConfig = field(default_factory=PruneEngineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation)
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...): N zeros in every M inputs
     seed: int = 0
@@ -182,7 +196,7 @@ class PrunelabConfig:
 _DATACLASSES = {
     cls.__name__: cls
     for cls in (ModelConfig, MethodConfig, AllocationConfig, CalibConfig, PerplexityConfig, ZeroShotConfig,
-                LatencyConfig, SizeConfig, EvalConfig, LoggerConfig, PruneEngineConfig, FinetuneConfig, LoraConfig)
+                LatencyConfig, SizeConfig, EvalConfig, LoggerConfig, PruneEngineConfig, FinetuneConfig, LoraConfig, ScheduleConfig)
 }
 
 def known_methods() -> tuple[str, ...]:
@@ -317,6 +331,7 @@ def validate(cfg: DictConfig) -> Pattern:
     _choice(cfg.logger.name, KNOWN_LOGGERS, "logger.name")
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
     validate_finetune(cfg.finetune)
+    validate_schedule(cfg, pattern)
     _check_device(cfg.device, "device")
     _check_device(cfg.prune.device, "prune.device")
     _positive(cfg.prune.batch_size, "prune.batch_size")
@@ -444,3 +459,44 @@ def validate_finetune(ft: DictConfig) -> None:
             raise ConfigError(f"finetune.lora.dropout={ft.lora.dropout} must lie in [0, 1)")
         if not ft.lora.targets:
             raise ConfigError("finetune.lora.targets is empty; name Linear modules such as q_proj, down_proj")
+
+
+KNOWN_SCHEDULES = ("oneshot", "iterative", "lottery")
+
+
+def validate_schedule(cfg: DictConfig, pattern: Pattern) -> None:
+    """Schedule settings, and how they combine with the method, pattern and fine-tuning."""
+    from prunelab.schedules.drivers import KNOWN_CONTROLS
+    from prunelab.schedules.sequences import KNOWN_RULES
+
+    sched = cfg.schedule
+    _choice(sched.name, KNOWN_SCHEDULES, "schedule")
+    if sched.name == "oneshot":
+        return
+    if cfg.method.name == "dense":
+        raise ConfigError(f"schedule={sched.name} prunes: choose a method (method=magnitude, wanda, sparsegpt)")
+    if pattern.is_nm:
+        raise ConfigError(f"schedule={sched.name} raises the sparsity step by step; N:M fixes it: use pattern=unstructured")
+    _positive(sched.eval_windows, "schedule.eval_windows")
+    if sched.name == "iterative":
+        _positive(sched.steps, "schedule.steps")
+        _choice(sched.rule, KNOWN_RULES, "schedule.rule")
+        if not 0.0 <= float(sched.initial_sparsity) <= float(cfg.sparsity):
+            raise ConfigError(f"schedule.initial_sparsity={sched.initial_sparsity} must lie in [0, sparsity={cfg.sparsity}]")
+        if sched.rule == "constant_fraction" and float(sched.initial_sparsity) != 0.0:
+            raise ConfigError("schedule.rule=constant_fraction starts from a dense model: set schedule.initial_sparsity=0")
+        return
+    _positive(sched.rounds, "schedule.rounds")
+    if not 0.0 < float(sched.rate) < 1.0:
+        raise ConfigError(f"schedule.rate={sched.rate} must lie in (0, 1): the fraction of surviving weights pruned each round")
+    if cfg.finetune.name != "masked":
+        raise ConfigError("schedule=lottery trains between rounds: set finetune=masked")
+    if int(sched.rewind_step) < 0:
+        raise ConfigError(f"schedule.rewind_step={sched.rewind_step} must be >= 0 (0 rewinds to the pretrained weights)")
+    from prunelab.train.loop import budget_steps
+
+    steps = budget_steps(OmegaConf.to_container(cfg.finetune, resolve=True))
+    if int(sched.rewind_step) > steps:
+        raise ConfigError(f"schedule.rewind_step={sched.rewind_step} is past the {steps} steps of one training")
+    for control in sched.controls:
+        _choice(control, KNOWN_CONTROLS, "schedule.controls")

@@ -136,8 +136,10 @@ class LayerwisePruner:
         pattern: Pattern,
         allocation: Mapping[str, Any],
         settings: EngineSettings,
+        frozen: Mapping[str, torch.Tensor] | None = None,
     ):
         self.model = model
+        self.frozen = dict(frozen or {})
         self.method = method
         self.pattern = pattern
         self.sparsity = pattern.sparsity if pattern.is_nm else alloc.check_sparsity(sparsity)
@@ -225,8 +227,11 @@ class LayerwisePruner:
         """Ask the method for ``mod``'s new weight, write it back and record what was done."""
         start = time.perf_counter()
         weight = mod.get_weight()
-        result = self.method.prune(weight.clone(), stats, target, self.pattern)
+        frozen = self._frozen(mod, weight.device)
+        result = self.method.prune(weight.clone(), stats, target, self.pattern, frozen=frozen)
         self._check_result(mod, weight, result)
+        if frozen is not None and bool((result.mask & frozen).any() or result.weight[frozen].any()):
+            raise RuntimeError(f"method {self.method.name} revived weights of {mod.full_name} pruned by an earlier step")
         mod.set_weight(result.weight.to(weight.dtype))
         sync(self.device)
         elapsed = time.perf_counter() - start
@@ -239,6 +244,14 @@ class LayerwisePruner:
         if self.masks is not None:
             mask = result.mask.to(torch.bool)
             self.masks[f"{mod.full_name}.weight"] = (mask.t() if mod.transposed else mask).contiguous().cpu()
+
+    def _frozen(self, mod: PrunableModule, device: torch.device) -> torch.Tensor | None:
+        """``mod``'s entries pruned by an earlier step (True), laid out ``[out, in]``; None when none given."""
+        keep = self.frozen.get(f"{mod.full_name}.weight")
+        if keep is None:
+            return None
+        keep = keep.t() if mod.transposed else keep
+        return ~keep.to(device=device, dtype=torch.bool)
 
     def _check_result(self, mod: PrunableModule, weight: torch.Tensor, result: PruneResult) -> None:
         if tuple(result.weight.shape) != tuple(weight.shape) or tuple(result.mask.shape) != tuple(weight.shape):
@@ -316,6 +329,7 @@ def prune_model(
     pattern: Pattern | str = "unstructured",
     allocation: Mapping[str, Any] | None = None,
     engine: Mapping[str, Any] | None = None,
+    frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
 
@@ -330,6 +344,8 @@ def prune_model(
             ``layers``); None = uniform.
         engine: the ``prune`` config block (``sequential``, ``device``, ``targets``, ``skip``,
             ``batch_size``, ``save_masks``); None = defaults.
+        frozen: keep-masks of an earlier pruning step (parameter name → bool, True = kept, in the
+            parameter's layout as ``prunelab.io.masks`` stores them): what they prune stays pruned.
 
     Returns:
         A :class:`PruneReport` with per-module targets and achieved sparsity, the sparsity
@@ -337,7 +353,7 @@ def prune_model(
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     settings = EngineSettings.from_mapping(engine)
-    pruner = LayerwisePruner(model, method, sparsity, pattern, allocation or {"name": "uniform"}, settings)
+    pruner = LayerwisePruner(model, method, sparsity, pattern, allocation or {"name": "uniform"}, settings, frozen)
     report = pruner.run(calib_ids)
     log.info(
         "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",

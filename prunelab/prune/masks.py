@@ -95,7 +95,9 @@ def nm_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return mask.view(out_features, in_features)
 
 
-def build_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
+def build_mask(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool, frozen: torch.Tensor | None = None
+) -> torch.Tensor:
     """N:M mask when ``pattern`` is N:M (``sparsity`` is then ignored), else unstructured.
 
     Args:
@@ -103,12 +105,26 @@ def build_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row:
         sparsity: fraction to drop for unstructured patterns.
         pattern: the sparsity pattern.
         per_row: compare within each output row (True) or across the whole matrix (False).
+        frozen: entries pruned before (True = stays pruned): they are dropped first and never kept,
+            so the mask is monotone across pruning steps; when they outnumber the count to drop,
+            all of them are dropped and the mask is sparser than asked.
     """
+    if frozen is not None:
+        scores = freeze_scores(scores, frozen)
     if pattern.is_nm:
-        return nm_mask(scores, pattern)
-    if per_row:
-        return unstructured_per_row_mask(scores, sparsity)
-    return unstructured_per_matrix_mask(scores, sparsity)
+        mask = nm_mask(scores, pattern)
+    elif per_row:
+        mask = unstructured_per_row_mask(scores, sparsity)
+    else:
+        mask = unstructured_per_matrix_mask(scores, sparsity)
+    return mask if frozen is None else mask & ~frozen
+
+
+def freeze_scores(scores: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the frozen (already pruned) entries lowest of all, so a selection drops them first."""
+    if frozen.shape != scores.shape:
+        raise ValueError(f"frozen mask has shape {tuple(frozen.shape)}, the scores {tuple(scores.shape)}")
+    return scores.float().masked_fill(frozen.to(scores.device, torch.bool), float("-inf"))
 
 
 def nm_violations(weight: torch.Tensor, pattern: Pattern) -> int:

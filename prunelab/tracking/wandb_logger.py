@@ -27,6 +27,7 @@ class WandbLogger:
     def __init__(self, logger_cfg: Mapping[str, Any]):
         self.cfg = dict(logger_cfg)
         self.run = None
+        self.step = 0  # W&B's step: one per logged row, increasing over every training of the run
 
     @property
     def enabled(self) -> bool:
@@ -57,10 +58,19 @@ class WandbLogger:
             self.run.summary[key] = value
 
     def log_step(self, record: Mapping[str, Any]) -> None:
-        """Stream one training step (loss, learning rate, tokens, ...) as it happens, under ``train/``."""
+        """Stream one training step (loss, learning rate, tokens, the training's own ``step``, ...) as it
+        happens, under ``train/``."""
+        self._log("train", record)
+
+    def log_point(self, point: Mapping[str, Any]) -> None:
+        """Stream one schedule point (step or round: target and achieved sparsity, perplexity) under ``schedule/``."""
+        self._log("schedule", point)
+
+    def _log(self, prefix: str, record: Mapping[str, Any]) -> None:
         if self.run is None:
             return
-        self.run.log({f"train/{k}": v for k, v in flatten(record).items() if k != "step"}, step=int(record["step"]))
+        self.step += 1
+        self.run.log({f"{prefix}/{k}": v for k, v in flatten(record).items()}, step=self.step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is None:

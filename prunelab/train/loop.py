@@ -51,6 +51,7 @@ def train(
     masks: Mapping[str, torch.Tensor] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     evaluate: Callable[[], dict[str, Any]] | None = None,
+    snapshot_step: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``windows`` (``[N, seqlen]`` token ids) for the configured budget.
 
@@ -60,6 +61,8 @@ def train(
         masks: keep-masks (parameter name → bool); their pruned entries stay exactly zero.
         on_step: called after every optimizer step with that step's record (W&B streaming).
         evaluate: called every ``eval_every`` steps and at the end; its dict joins the record.
+        snapshot_step: keep a CPU copy of the weights after this step (0: before the first) in the
+            result's ``weights_at_snapshot`` (lottery tickets rewind to it).
 
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_s", "history": [per-step records], "evals": [...]}``.
@@ -67,9 +70,7 @@ def train(
     steps = budget_steps(cfg)
     micro, accum = int(cfg["micro_batch"]), int(cfg["grad_accum"])
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(int(cfg["seed"]))
-    torch.manual_seed(int(cfg["seed"]))
-    order = torch.randperm(windows.shape[0], generator=generator)
+    torch.manual_seed(int(cfg["seed"]))  # dropout, LoRA's initialisation
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
     from transformers import get_scheduler
@@ -82,6 +83,9 @@ def train(
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     guard = MaskGuard(model, masks or {})
+    snapshot: dict[str, torch.Tensor] | None = None
+    if snapshot_step == 0:
+        snapshot = _copy_weights(model)
     model.train()
     tokens = 0
     start = time.perf_counter()
@@ -91,9 +95,10 @@ def train(
             for step in bar:
                 loss_sum = 0.0
                 for micro_index in range(accum):
+                    # windows in order (their documents were shuffled when packed): the first k steps of a
+                    # longer training see exactly what a k-step training sees
                     first = (step * accum + micro_index) * micro
-                    rows = order[torch.arange(first, first + micro) % windows.shape[0]]
-                    batch = windows[rows].to(device)
+                    batch = windows[torch.arange(first, first + micro) % windows.shape[0]].to(device)
                     with _autocast(device, bool(cfg.get("bf16", True))):
                         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                     (loss / accum).backward()
@@ -104,6 +109,8 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 guard.reapply()
+                if snapshot_step is not None and step + 1 == snapshot_step:
+                    snapshot = _copy_weights(model)
                 elapsed = time.perf_counter() - start
                 record = {"step": step + 1, "loss": loss_sum / accum, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
@@ -113,7 +120,7 @@ def train(
                     evals.append({"step": step + 1, **record["eval"]})
                     model.train()
                 history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 if on_step is not None:
                     on_step(record)
     finally:
@@ -125,5 +132,14 @@ def train(
         evals.append({"step": steps, **evaluate()})
     log.info("fine-tuned %d steps, %d tokens in %.1f s (%.0f tokens/s); loss %.4f -> %.4f", steps, tokens, seconds,
              tokens / seconds, history[0]["loss"], history[-1]["loss"])
-    return {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "pruned_weights_held": guard.pruned_count(), "history": history, "evals": evals}
+    result = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+              "pruned_weights_held": guard.pruned_count(), "history": history, "evals": evals}
+    if snapshot_step is not None:
+        if snapshot is None:
+            raise ValueError(f"snapshot_step={snapshot_step} is past the budget of {steps} steps")
+        result["weights_at_snapshot"] = snapshot
+    return result
+
+
+def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()}

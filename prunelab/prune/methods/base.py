@@ -49,8 +49,15 @@ class PruningMethod(ABC):
         return False
 
     @abstractmethod
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
+    def prune(
+        self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+        frozen: torch.Tensor | None = None,
+    ) -> PruneResult:
         """Return the pruned weight for a target sparsity (ignored for N:M, which fixes it).
+
+        ``frozen`` (bool ``[out, in]``, True = pruned by an earlier step) must stay pruned: its entries
+        are zero in the result and False in the mask, whatever the method's scores or weight updates
+        say (iterative schedules prune monotonically).
 
         Must not modify ``stats`` in place: the engine shares one InputStats between modules that
         read the same tensor (q/k/v, gate/up).

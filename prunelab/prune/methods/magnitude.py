@@ -34,6 +34,7 @@ class MagnitudePruning(PruningMethod):
         return self.scope == "global"
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
-        mask = build_mask(weight.abs(), sparsity, pattern, per_row=False)
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+              frozen: torch.Tensor | None = None) -> PruneResult:
+        mask = build_mask(weight.abs(), sparsity, pattern, per_row=False, frozen=frozen)
         return PruneResult(weight=weight.masked_fill(~mask, 0), mask=mask)

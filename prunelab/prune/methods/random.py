@@ -27,7 +27,9 @@ class RandomPruning(PruningMethod):
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+              frozen: torch.Tensor | None = None) -> PruneResult:
         scores = torch.rand(weight.shape, generator=self.generator, dtype=torch.float32)
-        mask = build_mask(scores, sparsity, pattern, per_row=False).to(weight.device)
+        frozen = None if frozen is None else frozen.cpu()
+        mask = build_mask(scores, sparsity, pattern, per_row=False, frozen=frozen).to(weight.device)
         return PruneResult(weight=weight.masked_fill(~mask, 0), mask=mask)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.prune.masks import check_nm_width, check_sparsity, prune_count
+from prunelab.prune.masks import check_nm_width, check_sparsity, freeze_scores, prune_count
 from prunelab.prune.methods.base import HESSIAN, InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
 
@@ -57,6 +57,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask_blocksize: int | None = None,
+    frozen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] with OBS reconstruction; returns (pruned weight, keep-mask).
 
@@ -73,6 +74,9 @@ def sparsegpt_prune(
         mask_blocksize: unstructured only: columns whose mask is chosen together, using the
             weights as updated so far (None = ``blocksize``). It must divide ``blocksize`` or be a
             multiple of it; ``in_features`` chooses one mask for the whole matrix up front.
+        frozen: entries pruned by an earlier step (True): selected first in their column block or
+            N:M group and always pruned, so the OBS update compensates for them like for any pruned
+            weight and never leaves one non-zero.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -98,6 +102,10 @@ def sparsegpt_prune(
     W[:, dead] = 0.0
     hinv_diag = torch.diagonal(hinv)
     pruned = torch.zeros_like(W, dtype=torch.bool)  # True = removed
+    if frozen is not None:
+        if frozen.shape != W.shape:
+            raise ValueError(f"frozen mask has shape {tuple(frozen.shape)}, the weight {tuple(W.shape)}")
+        frozen = frozen.to(device, torch.bool)
     numel_per_col = out_features
 
     for i1 in range(0, in_features, blocksize):
@@ -109,13 +117,19 @@ def sparsegpt_prune(
             col = i1 + i
             if pattern.is_nm and col % pattern.m == 0:
                 group = W1[:, i : i + pattern.m] ** 2 / hinv_diag[col : col + pattern.m].unsqueeze(0) ** 2
+                if frozen is not None:
+                    group = freeze_scores(group, frozen[:, col : col + pattern.m])
                 drop = torch.topk(group, pattern.n, dim=1, largest=False).indices + col
                 pruned.scatter_(1, drop, True)
+                if frozen is not None:
+                    pruned[:, col : col + pattern.m] |= frozen[:, col : col + pattern.m]
             elif not pattern.is_nm and col % mask_blocksize == 0:
                 end = min(col + mask_blocksize, in_features)
                 # At a block start W is fully updated; inside a block the chunk ends within W1.
                 current = W[:, col:end] if i == 0 else W1[:, i : i + end - col]
                 scores = current**2 / hinv_diag[col:end].unsqueeze(0) ** 2
+                if frozen is not None:
+                    scores = freeze_scores(scores, frozen[:, col:end])
                 # Split the matrix-wide count over chunks so the total is exactly floor(numel·s).
                 k = prune_count(numel_per_col * end, sparsity) - prune_count(numel_per_col * col, sparsity)
                 if k > 0:
@@ -123,6 +137,8 @@ def sparsegpt_prune(
                     chunk = torch.zeros(scores.numel(), dtype=torch.bool, device=device)
                     chunk[drop] = True
                     pruned[:, col:end] = chunk.view_as(scores)
+                if frozen is not None:
+                    pruned[:, col:end] |= frozen[:, col:end]
             w = W1[:, i]
             q = w.masked_fill(pruned[:, col], 0.0)
             err = (w - q) / Hinv1[i, i]
@@ -155,11 +171,12 @@ class SparseGPTPruning(PruningMethod):
         self.mask_blocksize = mask_blocksize
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+              frozen: torch.Tensor | None = None) -> PruneResult:
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs input statistics with a hessian; the engine must collect HESSIAN for it")
         new_weight, mask = sparsegpt_prune(
-            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.mask_blocksize
+            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.mask_blocksize, frozen
         )
         return PruneResult(weight=new_weight, mask=mask)
 

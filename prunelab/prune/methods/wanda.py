@@ -29,8 +29,9 @@ class WandaPruning(PruningMethod):
         super().__init__()
 
     @torch.no_grad()
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+              frozen: torch.Tensor | None = None) -> PruneResult:
         if stats is None or stats.sq_norm is None:
             raise ValueError("wanda needs input statistics with sq_norm; the engine must collect SQ_NORM for it")
-        mask = build_mask(wanda_scores(weight, stats.sq_norm), sparsity, pattern, per_row=True)
+        mask = build_mask(wanda_scores(weight, stats.sq_norm), sparsity, pattern, per_row=True, frozen=frozen)
         return PruneResult(weight=weight.masked_fill(~mask, 0), mask=mask)

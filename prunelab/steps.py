@@ -1,0 +1,131 @@
+"""The steps a run is made of, on the loaded model: one pruning step and one training step.
+
+The runner calls them once (one-shot); the schedules (``prunelab.schedules``) call them again and
+again through :class:`prunelab.schedules.job.RunJob`. Each step is timed under its phase name (the
+timer adds up repeated phases) so a failure names the phase it happened in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab.config.schema import ConfigError
+from prunelab.data import sources
+from prunelab.prune.pattern import Pattern
+
+log = logging.getLogger(__name__)
+
+
+def needs_calibration(method: Any) -> bool:
+    """Methods that score with input statistics need calibration windows (OWL then reuses them)."""
+    return bool(method is not None and method.needs)
+
+
+class PruneStep:
+    """Prune the model in place to a sparsity, keeping earlier masks frozen; calibration fetched once."""
+
+    def __init__(self, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern, payload: dict[str, Any],
+                 timer: Any, run_dir: Path):
+        self.tokenizer, self.cfg, self.method, self.pattern = tokenizer, cfg, method, pattern
+        self.payload, self.timer, self.run_dir = payload, timer, run_dir
+        self.engine_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
+        self.calib_ids: torch.Tensor | None = None
+        self.checked = False
+
+    def __call__(self, model: torch.nn.Module, sparsity: float, frozen: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        from prunelab.prune.engine import check_pattern_fits, prune_model
+
+        if not self.checked:
+            with self.timer("check_pattern"):
+                try:
+                    check_pattern_fits(model, self.pattern, self.engine_cfg["targets"], self.engine_cfg["skip"])
+                except ValueError as error:  # the model's widths are known only once it is loaded
+                    raise ConfigError(str(error)) from None
+            self.checked = True
+        if self.calib_ids is None and needs_calibration(self.method):
+            from prunelab.data.calibration import get_calibration
+
+            with self.timer("calibration_data"):
+                self.calib_ids, self.payload["calibration"] = get_calibration(
+                    self.tokenizer, self.cfg.calib, self.cfg.data_root, self.cfg.cache_dir
+                )
+        with self.timer("prune"):
+            report = prune_model(model, self.method, self.calib_ids, float(sparsity), self.pattern,
+                                 OmegaConf.to_container(self.cfg.allocation, resolve=True), self.engine_cfg, frozen)
+            if not report.summary.nm_ok:
+                raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
+        if report.masks is not None:
+            from prunelab.io.masks import save_masks
+
+            with self.timer("save_masks"):
+                save_masks(report.masks, self.run_dir / "masks.safetensors")
+        return report.to_dict()
+
+
+def target_masks(model: torch.nn.Module, cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Keep-masks read off the weights of the modules ``prune.targets`` / ``prune.skip`` select."""
+    from prunelab.io.masks import masks_from_model
+
+    return masks_from_model(model, list(cfg.prune.targets), list(cfg.prune.skip))
+
+
+def finetune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, masks: dict[str, torch.Tensor],
+             on_step: Callable[[dict[str, Any]], None], timer: Any,
+             snapshot_step: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fine-tune the model as ``cfg.finetune`` says, holding ``masks``' pruned weights at zero.
+
+    Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
+    throughput, and the check that every pruned weight is still exactly zero. With ``snapshot_step``
+    the record also holds ``weights_at_snapshot`` (the weights after that step; not JSON).
+    """
+    from prunelab.train import lora
+    from prunelab.train.data import corpus_documents, pack_windows
+    from prunelab.train.loop import budget_steps, train
+
+    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
+    with timer("finetune_data"):
+        documents, description = corpus_documents(ft, cfg.data_root)
+        count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
+        windows = pack_windows(documents, tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
+    with timer("finetune"):
+        trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
+        evaluate = training_perplexity(trained, tokenizer, cfg) if ft.get("eval_every") else None
+        result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
+                       on_step=on_step, evaluate=evaluate, snapshot_step=snapshot_step)
+        if ft["name"] == "lora":
+            model = lora.merge(trained, masks)
+    revived = revived_weights(model, masks)
+    if revived:
+        raise RuntimeError(f"{revived} pruned weights are non-zero after fine-tuning: the masks did not hold")
+    result.update(corpus=description, windows=list(windows.shape), pruned_weights=sum(int((~m).sum()) for m in masks.values()),
+                  pruned_weights_revived=revived)
+    return model, result
+
+
+def revived_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """How many entries that ``masks`` prune are non-zero in ``model``."""
+    params = dict(model.named_parameters())
+    return sum(int((params[name].detach().cpu()[~mask] != 0).sum()) for name, mask in masks.items())
+
+
+def training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, windows: int | None = None):
+    """A function returning the perplexity on the first ``windows`` (default ``finetune.eval_windows``)
+    windows of the first evaluation dataset: the quick check inside trainings and schedules."""
+    from prunelab.data.tokens import eval_stream
+    from prunelab.eval.perplexity import perplexity
+
+    name = cfg.eval.perplexity.datasets[0]
+    seqlen = int(cfg.eval.perplexity.seqlen or model.config.max_position_embeddings)
+    stream = eval_stream(sources.eval_source(name, cfg.data_root), tokenizer, seqlen)
+    count = int(windows or cfg.finetune.eval_windows)
+
+    def evaluate(current: torch.nn.Module | None = None) -> dict[str, Any]:
+        result = perplexity(current if current is not None else model, stream, seqlen, count, progress=False)
+        return {f"ppl_{name}": result["ppl"]}
+
+    return evaluate
