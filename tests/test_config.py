@@ -42,7 +42,12 @@ def test_groups_are_the_documented_ones():
     [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))],
 )
 def test_every_config_composes_and_validates(override):
-    extra = ["model.path=some-org/some-model"] if override == "model=hf" else []
+    companions = {  # options that only make sense with another setting
+        "model=hf": ["model.path=some-org/some-model"],
+        "schedule=iterative": ["method=wanda"],
+        "schedule=lottery": ["method=magnitude", "finetune=masked"],
+    }
+    extra = companions.get(override, [])
     cfg = _compose(override, *extra)
     validate(cfg)  # composing alone does not check values
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -226,3 +226,21 @@ def test_iterative_run_records_its_trajectory_and_streams_it(tmp_path, cache_dir
     points = [r for r in rows if "schedule/achieved" in r]
     assert [r["schedule/step"] for r in points] == [1, 2, 3]
     assert len([r for r in rows if "train/loss" in r]) == 6
+
+
+def test_a_sweep_of_schedules_gives_the_trajectory_plot(tmp_path, cache_dir, data_root, tiny_hf_dir):
+    from prunelab.report import build_report
+
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, PRUNELAB_DATA=str(data_root), PRUNELAB_CACHE=str(cache_dir), WANDB_SILENT="true")
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunelab", "-m", "model=hf", f"model.path={tiny_hf_dir}", "method=magnitude",
+         "sparsity=0.6", "schedule=oneshot,iterative", "schedule.steps=2", "schedule.eval_windows=1",
+         "finetune=masked", "finetune.seqlen=32", "finetune.max_steps=1", "eval.perplexity.seqlen=32",
+         "eval.perplexity.max_windows=1", "logger=none", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = build_report(sweep)
+    plots = [p.name for p in result["plots"]]
+    assert any(name.startswith("schedule_wikitext2_") for name in plots), plots
+    assert "schedule_wikitext2_" in result["markdown"].read_text()

@@ -228,7 +228,9 @@ class LayerwisePruner:
         start = time.perf_counter()
         weight = mod.get_weight()
         frozen = self._frozen(mod, weight.device)
-        result = self.method.prune(weight.clone(), stats, target, self.pattern, frozen=frozen)
+        # ``frozen`` only when there is one: a method written before schedules existed still prunes one-shot
+        extra = {"frozen": frozen} if frozen is not None else {}
+        result = self.method.prune(weight.clone(), stats, target, self.pattern, **extra)
         self._check_result(mod, weight, result)
         if frozen is not None and bool((result.mask & frozen).any() or result.weight[frozen].any()):
             raise RuntimeError(f"method {self.method.name} revived weights of {mod.full_name} pruned by an earlier step")

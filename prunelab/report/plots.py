@@ -1,4 +1,5 @@
-"""PNG plots of a sweep: perplexity vs sparsity per method, and per-layer achieved sparsity of each run."""
+"""PNG plots of a sweep: perplexity vs sparsity per method, per-layer achieved sparsity of each run, and
+the sparsity–perplexity trajectory of each schedule (one-shot, iterative, lottery and its controls)."""
 
 from __future__ import annotations
 
@@ -138,6 +139,53 @@ def plot_layer_sparsity(runs: list["Run"], title: str, path: Path) -> Path | Non
     return path
 
 
+def _schedule_label(run: "Run") -> str:
+    schedule = (run.config.get("schedule") or {}).get("name", "oneshot")
+    finetune = (run.config.get("finetune") or {}).get("name", "none")
+    extra = f" + {finetune} fine-tuning" if finetune != "none" else ""
+    return f"{row_label(run)}, {schedule}{extra}"
+
+
+def plot_trajectories(runs: list["Run"], dataset: str, title: str, path: Path) -> Path | None:
+    """Sparsity against perplexity along each run's schedule.
+
+    Thin lines with small markers: the steps or rounds of iterative and lottery runs, scored on the
+    schedule's first ``eval_windows`` windows; large markers: every run's final perplexity with its
+    ``eval`` preset (one-shot runs have only this point); crosses: lottery controls (same preset).
+    Returns None when no run has a schedule trajectory.
+    """
+    traced = [run for run in runs if (run.metrics.get("schedule") or {}).get("trajectory")]
+    if not traced:
+        return None
+    key = f"ppl_{dataset}"
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, run in enumerate(sorted(runs, key=_schedule_label)):
+        colour = palette[i % len(palette)]
+        label = _schedule_label(run)
+        schedule = run.metrics.get("schedule") or {}
+        points = [(100 * p["achieved"], p[key]) for p in schedule.get("trajectory", []) if p.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), "-o", color=colour, linewidth=1, markersize=3, alpha=0.7)
+        final = run.ppl(dataset)
+        overall = (run.metrics.get("sparsity") or {}).get("overall")
+        if final is not None and overall is not None:
+            ax.plot([100 * overall], [final], "o", color=colour, markersize=8, label=label)
+        for branch, control in (schedule.get("controls") or {}).items():
+            ppl = ((control.get("evaluation") or {}).get("perplexity") or {}).get(dataset, {}).get("ppl")
+            if ppl is not None:
+                ax.plot([100 * control["achieved"]], [ppl], "x", color=colour, markersize=9, label=f"{label}: {branch} control")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the pruned Linear modules (%)")
+    ax.set_ylabel(f"{dataset} perplexity (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_plots(runs: list["Run"], out_dir: Path, datasets: list[str] | None = None) -> list[Path]:
     """All plots of a sweep, per model: ``ppl_<dataset>_<model>.png`` and ``layer_sparsity_<model>.png``."""
     by_model: dict[str, list["Run"]] = defaultdict(list)
@@ -159,5 +207,11 @@ def write_plots(runs: list["Run"], out_dir: Path, datasets: list[str] | None = N
         done = plot_layer_sparsity(group, f"{model}: per-layer achieved sparsity", out_dir / f"layer_sparsity_{_slug(model)}.png")
         if done:
             written.append(done)
+        for dataset in names:
+            done = plot_trajectories(group, dataset, f"{model}: schedules, sparsity vs perplexity (lines: steps on the "
+                                     f"schedule's quick windows; large markers: final, eval preset)",
+                                     out_dir / f"schedule_{_slug(dataset)}_{_slug(model)}.png")
+            if done:
+                written.append(done)
     log.info("wrote %d plots into %s", len(written), out_dir)
     return written
