@@ -8,9 +8,9 @@ speed hits both alike; each mode's tokens/s is the median over its rounds, warm-
 
 Example::
 
-    python experiments/bench_finetune.py --seqlen 512 --steps 6 --rounds 2 --threads 2
+    python experiments/bench_finetune.py --seqlen 512 --grad-accum 2 --steps 6 --rounds 3 --threads 2
 
-Writes ``experiments/results/bench_finetune_<device>_<seqlen>.{md,json}``.
+Writes ``experiments/results/bench_finetune_cpu_<seqlen>x<grad_accum>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def forward_tokens_per_s(model: torch.nn.Module, windows: torch.Tensor) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per round (1 window each)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per round")
+    parser.add_argument("--grad-accum", type=int, default=2,
+                        help="windows per optimizer step (conf/finetune/masked.yaml: 2 x 512 tokens)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per round left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per mode, alternating")
     parser.add_argument("--threads", type=int, default=None)
@@ -91,8 +93,8 @@ def main() -> None:
     model, tokenizer = load_model(model_cfg, "cpu", cache_dir)
     masks = magnitude_masks(model, 0.5)
     windows = pack_windows(c4_calibration(os.environ.get("PRUNELAB_DATA")).documents, tokenizer, args.seqlen,
-                           args.steps, seed=0)
-    cfg = dict(seqlen=args.seqlen, micro_batch=1, grad_accum=1, max_steps=args.steps, max_tokens=None, lr=1e-5,
+                           args.steps * args.grad_accum, seed=0)
+    cfg = dict(seqlen=args.seqlen, micro_batch=1, grad_accum=args.grad_accum, max_steps=args.steps, max_tokens=None, lr=1e-5,
                weight_decay=0.0, warmup_steps=0, scheduler="constant", max_grad_norm=1.0, bf16=False,
                gradient_checkpointing=False, seed=0, eval_every=None)
     rates: dict[str, list[float]] = {"masked": [], "plain": []}
@@ -108,15 +110,16 @@ def main() -> None:
         "model": "smollm2-135m (Q4_1 GGUF dequantized to fp32)",
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "seqlen": args.seqlen, "steps": args.steps, "warmup": args.warmup,
-        "rounds": args.rounds, "micro_batch": 1, "grad_accum": 1, "optimizer": "AdamW",
+        "rounds": args.rounds, "micro_batch": 1, "grad_accum": args.grad_accum, "optimizer": "AdamW",
         "masked_weights": sum(int((~m).sum()) for m in masks.values()),
         "tokens_per_s": {"masked_finetune": masked, "plain_finetune": plain, "forward": forward},
         "rounds_tokens_per_s": rates, "masked_over_plain": masked / plain, "note": args.note,
     }
-    out = REPO / "experiments" / "results" / f"bench_finetune_cpu_{args.seqlen}"
+    out = REPO / "experiments" / "results" / f"bench_finetune_cpu_{args.seqlen}x{args.grad_accum}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Fine-tuning throughput, SmolLM2-135M fp32, CPU ({result['threads']} threads), {args.seqlen}-token windows",
+        f"# Fine-tuning throughput, SmolLM2-135M fp32, CPU ({result['threads']} threads), "
+        f"{args.grad_accum} x {args.seqlen} tokens per optimizer step",
         "",
         "| mode | tokens/s (median) | rounds |",
         "|---|---:|---|",
@@ -126,7 +129,8 @@ def main() -> None:
         "",
         f"masked / plain = **{masked / plain:.3f}**. {args.note}",
         "",
-        f"`python experiments/bench_finetune.py --seqlen {args.seqlen} --steps {args.steps} --rounds {args.rounds}"
+        f"`python experiments/bench_finetune.py --seqlen {args.seqlen} --grad-accum {args.grad_accum} "
+        f"--steps {args.steps} --rounds {args.rounds}"
         + (f" --threads {args.threads}`" if args.threads else "`"),
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

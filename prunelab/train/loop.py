@@ -34,8 +34,19 @@ def budget_steps(cfg: Mapping[str, Any]) -> int:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters."""
-    return torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    """AdamW over the trainable parameters, torch's fused kernel where it exists.
+
+    The fused kernel matters for masked training: the default per-tensor AdamW takes the square root
+    of every second moment, and on this CPU ``sqrt`` of the exact zeros that pruned entries keep is
+    about twice as slow as of other values (experiments/bench_finetune.py); fused AdamW is ~10x faster
+    overall and has no such penalty. The arithmetic is AdamW's either way.
+    """
+    kwargs = dict(lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:  # a device or dtype the fused kernel does not take
+        log.info("fused AdamW unavailable (%s); using the default implementation", err)
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -104,6 +115,7 @@ def train(
                     (loss / accum).backward()
                     loss_sum += float(loss.detach())
                     tokens += batch.numel()
+                guard.mask_gradients()  # before clipping: pruned entries neither count nor move
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])))
                 optimizer.step()
                 scheduler.step()
