@@ -41,15 +41,21 @@ def _masks(model: torch.nn.Module, pattern: str) -> dict[str, torch.Tensor]:
     return masks
 
 
+def _prune(model: torch.nn.Module, pattern: str) -> dict[str, torch.Tensor]:
+    """Zero what ``_masks`` prunes, as a pruning step leaves it, and return the masks."""
+    masks = _masks(model, pattern)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in masks:
+                param.mul_(masks[name])
+    return masks
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_pruned_weights_and_their_adam_moments_stay_zero(monkeypatch, build, pattern):
     model = build()
-    masks = _masks(model, pattern)
-    with torch.no_grad():  # prune: the masked entries are zero before training, as after pruning
-        for name, param in model.named_parameters():
-            if name in masks:
-                param.mul_(masks[name])
+    masks = _prune(model, pattern)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     optimizers = []
     real = loop.make_optimizer
@@ -72,11 +78,7 @@ def test_pruned_weights_and_their_adam_moments_stay_zero(monkeypatch, build, pat
 def test_without_the_guard_the_same_training_revives_weights():
     """The check above can fail: plain AdamW (no masks) moves pruned weights off zero."""
     model = tiny_llama()
-    masks = _masks(model, "unstructured")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in masks:
-                param.mul_(masks[name])
+    masks = _prune(model, "unstructured")
     loop.train(model, random_ids(16, 16), CFG, masks=None)
     params = dict(model.named_parameters())
     assert any(torch.count_nonzero(params[n].detach()[~m]) > 0 for n, m in masks.items())
@@ -94,11 +96,7 @@ def test_fine_tuning_lowers_the_loss_on_a_repetitive_text():
 
 def test_lora_merge_is_the_mask_times_w_plus_ba():
     model = tiny_llama()
-    masks = _masks(model, "unstructured")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in masks:
-                param.mul_(masks[name])
+    masks = _prune(model, "unstructured")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = wrap(model, {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "down_proj"]})
     torch.manual_seed(3)
