@@ -27,7 +27,7 @@ class RunJob:
         self.model, self.tokenizer, self.cfg, self.logger, self.timer = model, tokenizer, cfg, logger, timer
         self.pruner = steps.PruneStep(tokenizer, cfg, method, pattern, payload, timer, run_dir)
         self.reports: list[dict[str, Any]] = []
-        self._evaluate = steps.training_perplexity(model, tokenizer, cfg, int(cfg.schedule.eval_windows))
+        self._evaluate = None  # built on first use: one-shot runs never score a trajectory point
 
     def prune(self, sparsity: float, frozen: Masks | None) -> dict[str, Any]:
         self.reports.append(self.pruner(self.model, sparsity, frozen))
@@ -65,6 +65,9 @@ class RunJob:
 
     def checkpoint_eval(self) -> dict[str, Any]:
         with self.timer("schedule_eval"):
+            if self._evaluate is None:
+                self._evaluate = steps.training_perplexity(self.model, self.tokenizer, self.cfg,
+                                                           int(self.cfg.schedule.eval_windows))
             return self._evaluate(self.model)
 
     def record(self, point: dict[str, Any]) -> None:
