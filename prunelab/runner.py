@@ -25,6 +25,7 @@ from prunelab import steps
 from prunelab.config.schema import ConfigError, validate, validate_for_model
 from prunelab.data import sources
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
+from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.results import device_info, git_state, package_versions, write_failure, write_results
 from prunelab.tracking.wandb_logger import WandbLogger
@@ -131,7 +132,8 @@ def preflight(cfg: DictConfig) -> Checked:
             raise sources.DataUnavailableError(str(error)) from error
     check_writable(cfg.cache_dir, "cache_dir")
     warnings: list[str] = []
-    facts = read_model_facts(OmegaConf.to_container(cfg.model, resolve=True), model_gguf_path(cfg), cfg.cache_dir)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    facts = read_model_facts(model_cfg, gguf_path(model_cfg) if cfg.model.source == "gguf_package" else None, cfg.cache_dir)
     if facts is not None:
         warnings = validate_for_model(cfg, facts, available_memory(str(cfg.prune.device)), steps.needs_calibration(method))
     elif cfg.allocation.name == "explicit":
@@ -139,17 +141,6 @@ def preflight(cfg: DictConfig) -> Checked:
     for warning in warnings:
         log.warning("%s", warning)
     return Checked(pattern, method, facts, warnings)
-
-
-def model_gguf_path(cfg: DictConfig) -> Path | None:
-    """The GGUF file a ``gguf_package`` model is converted from (None for other sources)."""
-    if cfg.model.source != "gguf_package":
-        return None
-    if cfg.model.path:
-        return Path(str(cfg.model.path)).expanduser()
-    from prunelab.models.loading import locate_packaged_gguf
-
-    return locate_packaged_gguf(cfg.model.package, cfg.model.gguf_file)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -226,7 +217,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device)
             metrics.update(scheduled)
         elif cfg.finetune.name != "none":
-            model, metrics["finetune"] = steps.finetune(model, tokenizer, cfg, {}, logger.log_step, timer)
+            model, metrics["finetune"] = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)(model, {})
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds

@@ -74,37 +74,63 @@ def target_masks(model: torch.nn.Module, cfg: DictConfig) -> dict[str, torch.Ten
     return masks_from_model(model, list(cfg.prune.targets), list(cfg.prune.skip))
 
 
-def finetune(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, masks: dict[str, torch.Tensor],
-             on_step: Callable[[dict[str, Any]], None], timer: Any,
-             snapshot_step: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fine-tune the model as ``cfg.finetune`` says, holding ``masks``' pruned weights at zero.
+class FinetuneStep:
+    """Fine-tune the model as ``cfg.finetune`` says, holding the masks' pruned weights at zero.
 
-    Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
-    throughput, and the check that every pruned weight is still exactly zero. With ``snapshot_step``
-    the record also holds ``weights_at_snapshot`` (the weights after that step; not JSON).
+    Every training of a run (one after one-shot pruning, one per step or round of a schedule) gets
+    the same budget on the same text, so the windows, and the quick evaluation's token stream when
+    ``finetune.eval_every`` is set, are built on the first call and reused.
     """
-    from prunelab.train import lora
-    from prunelab.train.data import corpus_documents, pack_windows
-    from prunelab.train.loop import budget_steps, train
 
-    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
-    with timer("finetune_data"):
-        documents, description = corpus_documents(ft, cfg.data_root)
-        count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
-        windows = pack_windows(documents, tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
-    with timer("finetune"):
-        trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
-        evaluate = training_perplexity(trained, tokenizer, cfg) if ft.get("eval_every") else None
-        result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
-                       on_step=on_step, evaluate=evaluate, snapshot_step=snapshot_step)
-        if ft["name"] == "lora":
-            model = lora.merge(trained, masks)
-    revived = revived_weights(model, masks)
-    if revived:
-        raise RuntimeError(f"{revived} pruned weights are non-zero after fine-tuning: the masks did not hold")
-    result.update(corpus=description, windows=list(windows.shape), pruned_weights=sum(int((~m).sum()) for m in masks.values()),
-                  pruned_weights_revived=revived)
-    return model, result
+    def __init__(self, tokenizer: Any, cfg: DictConfig, on_step: Callable[[dict[str, Any]], None], timer: Any):
+        self.tokenizer, self.cfg, self.on_step, self.timer = tokenizer, cfg, on_step, timer
+        self.ft = OmegaConf.to_container(cfg.finetune, resolve=True)
+        self.windows: torch.Tensor | None = None
+        self.description = ""
+        self._evaluate: Callable[..., dict[str, Any]] | None = None
+
+    def _data(self) -> torch.Tensor:
+        if self.windows is None:
+            from prunelab.train.data import corpus_documents, pack_windows
+            from prunelab.train.loop import budget_steps
+
+            ft = self.ft
+            with self.timer("finetune_data"):
+                documents, self.description = corpus_documents(ft, self.cfg.data_root)
+                count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
+                self.windows = pack_windows(documents, self.tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
+        return self.windows
+
+    def _evaluator(self, model: torch.nn.Module) -> Callable[[], dict[str, Any]] | None:
+        if not self.ft.get("eval_every"):
+            return None
+        if self._evaluate is None:
+            self._evaluate = training_perplexity(model, self.tokenizer, self.cfg)
+        evaluate = self._evaluate
+        return lambda: evaluate(model)
+
+    def __call__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
+                 snapshot_step: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
+        throughput, and the check that every pruned weight is still exactly zero. With ``snapshot_step``
+        the record also holds ``weights_at_snapshot`` (the weights after that step; not JSON)."""
+        from prunelab.train import lora
+        from prunelab.train.loop import train
+
+        ft = self.ft
+        windows = self._data()
+        with self.timer("finetune"):
+            trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
+            result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
+                           on_step=self.on_step, evaluate=self._evaluator(trained), snapshot_step=snapshot_step)
+            if ft["name"] == "lora":
+                model = lora.merge(trained, masks)
+        revived = revived_weights(model, masks)
+        if revived:
+            raise RuntimeError(f"{revived} pruned weights are non-zero after fine-tuning: the masks did not hold")
+        result.update(corpus=self.description, windows=list(windows.shape),
+                      pruned_weights=sum(int((~m).sum()) for m in masks.values()), pruned_weights_revived=revived)
+        return model, result
 
 
 def revived_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> int:

@@ -120,7 +120,8 @@ def locate_packaged_gguf(package: str, filename: str) -> Path:
     raise ModelLoadError(f"package {package!r} is installed but holds no file {filename!r}; reinstall it")
 
 
-def _gguf_path(model_cfg: Mapping[str, Any]) -> Path:
+def gguf_path(model_cfg: Mapping[str, Any]) -> Path:
+    """The GGUF file of a ``gguf_package`` model: ``model.path`` when given, else the one its package ships."""
     if model_cfg.get("path"):
         path = Path(str(model_cfg["path"])).expanduser()
         if not path.is_file():
@@ -266,19 +267,19 @@ def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
 
 def prepare_gguf_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> CachedModel:
     """Hash the configured GGUF, convert it on first use and verify the cached conversion."""
-    gguf_path = _gguf_path(model_cfg)
-    actual = gguf_sha256(gguf_path)
+    source = gguf_path(model_cfg)
+    actual = gguf_sha256(source)
     expected = model_cfg.get("sha256")
     if expected and actual != expected:
         raise ModelLoadError(
-            f"{gguf_path} has sha256 {actual}, expected model.sha256={expected}; the file is not the one this config "
+            f"{source} has sha256 {actual}, expected model.sha256={expected}; the file is not the one this config "
             f"names (to use another GGUF file, set model.sha256=null or its own sha256)"
         )
     target = cache_folder(str(model_cfg["name"]), actual, cache_dir)
     if not target.is_dir():
-        _convert_into(gguf_path, actual, target)
+        _convert_into(source, actual, target)
     verify_manifest(target, actual)
-    return CachedModel(target, gguf_path, actual)
+    return CachedModel(target, source, actual)
 
 
 def prepare_packaged_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:

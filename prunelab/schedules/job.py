@@ -26,6 +26,7 @@ class RunJob:
                  payload: dict[str, Any], timer: Any, logger: WandbLogger, run_dir: Path):
         self.model, self.tokenizer, self.cfg, self.logger, self.timer = model, tokenizer, cfg, logger, timer
         self.pruner = steps.PruneStep(tokenizer, cfg, method, pattern, payload, timer, run_dir)
+        self.trainer = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)
         self.reports: list[dict[str, Any]] = []
         self._evaluate = None  # built on first use: one-shot runs never score a trajectory point
 
@@ -37,8 +38,7 @@ class RunJob:
         return steps.target_masks(self.model, self.cfg)
 
     def finetune(self, masks: Masks, snapshot_step: int | None = None) -> dict[str, Any]:
-        self.model, record = steps.finetune(self.model, self.tokenizer, self.cfg, masks, self.logger.log_step,
-                                            self.timer, snapshot_step)
+        self.model, record = self.trainer(self.model, masks, snapshot_step)
         return record
 
     def weights(self) -> Masks:
