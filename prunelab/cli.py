@@ -34,9 +34,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the user asked for something that cannot work": one line, no traceback."""
     from prunelab.data.calibration import CalibrationError
     from prunelab.data.sources import DataUnavailableError
+    from prunelab.io.checkpoint import CheckpointError
     from prunelab.models.loading import ModelLoadError
 
-    return (ConfigError, DataUnavailableError, ModelLoadError, CalibrationError)
+    return (ConfigError, DataUnavailableError, ModelLoadError, CalibrationError, CheckpointError)
 
 
 def optimized_value(payload: dict) -> float | None:

@@ -202,7 +202,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             payload.update(config=resolved, versions=package_versions(), git=git_state())
             if checked.warnings:
                 payload["warnings"] = checked.warnings
-            logger.start(run_dir, resolved, payload["name"], list(cfg.tags))
+            store = checkpoint_store(cfg, resolved, checked, run_dir)
+            saved = store.read_state() if store is not None else None
+            if saved is not None:
+                payload["resumed_from"] = {"checkpoint": str(store.folder), "generation": saved["generation"],
+                                           "saved": saved["saved"], "inside_training": saved["data"]["training"] is not None}
+            logger.start(run_dir, resolved, payload["name"], list(cfg.tags),
+                         resume=saved["data"]["job"]["logger"] if saved is not None else None)
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
             device = resolve_device(str(cfg.device))
@@ -214,7 +220,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
         if checked.method is not None:
-            model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device)
+            restored = None
+            if saved is not None:
+                with timer("resume"):
+                    restored = store.load()
+            model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device,
+                                            store, restored)
             metrics.update(scheduled)
         elif cfg.finetune.name != "none":
             model, metrics["finetune"] = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)(model, {})
@@ -224,6 +235,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.model.get("note"):
             payload["note"] = cfg.model.note
         write_results(run_dir, payload)
+        if store is not None and not cfg.checkpoint.keep:
+            store.remove()
         logger.log_summary({"metrics": metrics, "timings": timer.seconds})
         exit_code = 0
         return payload
@@ -235,36 +248,45 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
+def checkpoint_store(cfg: DictConfig, resolved: dict[str, Any], checked: Checked, run_dir: Path):
+    """The run folder's checkpoint store, when the run trains or prunes step by step (else None)."""
+    if not cfg.checkpoint.enabled or checked.method is None:
+        return None
+    if cfg.schedule.name == "oneshot" and cfg.finetune.name == "none":
+        return None  # nothing a restart would save
+    from prunelab.io.checkpoint import CheckpointStore, fingerprint
+
+    return CheckpointStore(run_dir / "checkpoint", fingerprint(resolved))
+
+
 def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checked: Checked, payload: dict[str, Any],
-                 timer: Timer, logger: WandbLogger, run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 timer: Timer, logger: WandbLogger, run_dir: Path, device: torch.device, store: Any = None,
+                 restored: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Prune (and fine-tune) as ``cfg.schedule`` says; returns the model to evaluate and its metrics.
 
     One-shot keeps today's record (``pruning``, ``sparsity``, ``finetune``); iterative and lottery add
     ``schedule`` with the trajectory, and lottery's controls, each evaluated with the run's preset.
+    With ``store`` the schedule checkpoints after every finished step; ``restored`` continues one.
     """
     from prunelab.schedules import drivers
     from prunelab.schedules.job import RunJob
 
-    job = RunJob(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, logger, run_dir)
+    def evaluate_control(current: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(current, tokenizer, cfg, device, run_dir, timer)
+
+    job = RunJob(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, logger, run_dir,
+                 store=store, restored=restored, checkpoint_every=cfg.checkpoint.every or 0, evaluate=evaluate_control)
     schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
     finetuning = cfg.finetune.name != "none"
-    schedule = drivers.run(cfg.schedule.name, job, schedule_cfg, float(cfg.sparsity), finetuning)
-    metrics: dict[str, Any] = {"pruning": dict(job.reports[-1])}
+    schedule = drivers.run(cfg.schedule.name, job, schedule_cfg, float(cfg.sparsity), finetuning, int(cfg.seed))
+    # the schedule's own last pruning (a lottery's oneshot control prunes after the last round)
+    last = int(cfg.schedule.rounds) - 1 if cfg.schedule.name == "lottery" else -1
+    metrics: dict[str, Any] = {"pruning": dict(job.reports[last])}
     metrics["sparsity"] = metrics["pruning"].pop("summary")
     if cfg.schedule.name == "oneshot":
         if finetuning:
             metrics["finetune"] = schedule["finetune"][-1]
         return job.model, metrics
-    if cfg.schedule.name == "lottery":
-        ticket_masks, rewind_to = schedule.pop("ticket_masks"), schedule.pop("rewind_weights")
-        ticket = job.weights()
-        schedule["controls"] = {}
-        for branch in cfg.schedule.controls:
-            with timer(f"control_{branch}"):
-                result = drivers.control(job, branch, ticket_masks, rewind_to, schedule["targets"][-1], int(cfg.seed))
-                result["evaluation"] = evaluate(job.model, tokenizer, cfg, device, run_dir, timer)
-            schedule["controls"][branch] = result
-        job.rewind(ticket, ticket_masks)  # the run's own evaluation is the ticket's
     logger.log_table(f"schedule/{cfg.schedule.name}", ["point", "target", "achieved", "ppl"],
                      [[i, p.get("target"), p.get("achieved"), next((v for k, v in p.items() if k.startswith("ppl_")), None)]
                       for i, p in enumerate(schedule["trajectory"], 1)])

@@ -109,11 +109,18 @@ class FinetuneStep:
         evaluate = self._evaluate
         return lambda: evaluate(model)
 
-    def __call__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor],
-                 snapshot_step: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def __call__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor], snapshot_step: int | None = None,
+                 resume: Any = None, resume_weights: dict[str, torch.Tensor] | None = None,
+                 checkpoint: Callable[[Any, torch.nn.Module], None] | None = None,
+                 checkpoint_every: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
         """Returns the trained model (LoRA: the merged one) and the record: budget, per-step history,
         throughput, and the check that every pruned weight is still exactly zero. With ``snapshot_step``
-        the record also holds ``weights_at_snapshot`` (the weights after that step; not JSON)."""
+        the record also holds ``weights_at_snapshot`` (the weights after that step; not JSON).
+
+        ``resume`` (a ``TrainingProgress``) with ``resume_weights`` continues an interrupted training;
+        ``checkpoint(progress, trained_module)`` is called every ``checkpoint_every`` steps (the module is
+        the one being trained: with LoRA, the wrapped model whose adapter weights the progress needs).
+        """
         from prunelab.train import lora
         from prunelab.train.loop import train
 
@@ -121,8 +128,14 @@ class FinetuneStep:
         windows = self._data()
         with self.timer("finetune"):
             trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
+            if resume_weights is not None:
+                from prunelab.io.checkpoint import load_weights
+
+                load_weights(trained, resume_weights)
+            on_checkpoint = (lambda progress: checkpoint(progress, trained)) if checkpoint is not None else None
             result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
-                           on_step=self.on_step, evaluate=self._evaluator(trained), snapshot_step=snapshot_step)
+                           on_step=self.on_step, evaluate=self._evaluator(trained), snapshot_step=snapshot_step,
+                           resume=resume, checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
             if ft["name"] == "lora":
                 model = lora.merge(trained, masks)
         revived = revived_weights(model, masks)

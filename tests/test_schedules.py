@@ -55,7 +55,7 @@ class FakeJob:
     def masks(self):
         return {n: torch.tensor(n not in self.pruned) for n in self.order}
 
-    def finetune(self, masks, snapshot_step=None):
+    def finetune(self, masks, snapshot_step=None, stage="finetune"):
         self.calls.append(("finetune", snapshot_step))
         record = {"steps": 1}
         if snapshot_step is not None:
@@ -80,6 +80,21 @@ class FakeJob:
 
     def sparsity(self):
         return len(self.pruned) / len(self.order)
+
+    def evaluate(self):
+        return {}
+
+    def resume(self):
+        return None, None
+
+    def save(self, state, masks):
+        pass
+
+    def keep(self, group, tensors):
+        self.__dict__.setdefault("_kept", {})[group] = tensors
+
+    def kept(self, group):
+        return self.__dict__.get("_kept", {}).get(group)
 
 
 def test_iterative_prunes_to_each_target_with_earlier_masks_frozen_then_trains():

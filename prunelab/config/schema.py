@@ -162,6 +162,13 @@ class ScheduleConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = True  # runs that train or prune step by step checkpoint into <run>/checkpoint and resume from it
+    every: Optional[int] = None  # also every k optimizer steps inside a training (with the optimizer state)
+    keep: bool = False  # keep the checkpoint after the run completes (it holds at least one copy of the weights)
+
+
+@dataclass
 class PruneEngineConfig:
     sequential: bool = True  # re-run each pruned layer so the next layer sees pruned inputs
     device: str = "auto"  # where one decoder layer is computed: auto | cpu | cuda | cuda:N
@@ -182,6 +189,7 @@ class PrunelabConfig:
     prune: PruneEngineConfig = field(default_factory=PruneEngineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation)
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...): N zeros in every M inputs
     seed: int = 0
@@ -332,6 +340,8 @@ def validate(cfg: DictConfig) -> Pattern:
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
     validate_finetune(cfg.finetune)
     validate_schedule(cfg, pattern)
+    if cfg.checkpoint.every is not None:
+        _positive(cfg.checkpoint.every, "checkpoint.every")
     _check_device(cfg.device, "device")
     _check_device(cfg.prune.device, "prune.device")
     _positive(cfg.prune.batch_size, "prune.batch_size")

@@ -11,6 +11,12 @@ or a fake one in the tests), so the order of steps and the sparsity targets can 
   weights; k > 0: the weights after k steps of the first training), for ``rounds`` rounds; then train
   the ticket. Controls, each from W_k with the same training budget: ``random`` (a random mask with
   the ticket's per-matrix sparsity) and ``oneshot`` (the method's one-shot mask at the final sparsity).
+
+Every driver keeps its position in a JSON ``state`` and hands it to ``job.save`` after each finished
+step (a pruning that a training follows, a training, a round, a control), so a run started again in
+the same folder continues after the last finished step (``job.resume``) and ends where an
+uninterrupted run ends. A driver never saves without training to follow: a one-shot run without
+fine-tuning has nothing worth resuming.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ class Job(Protocol):
     def masks(self) -> Masks:
         """Keep-masks read off the current weights of the targeted modules."""
 
-    def finetune(self, masks: Masks, snapshot_step: int | None = None) -> dict[str, Any]:
+    def finetune(self, masks: Masks, snapshot_step: int | None = None, stage: str = "finetune") -> dict[str, Any]:
         """Train with ``masks`` held; with ``snapshot_step`` also keep the weights after that step
-        (``weights_at_snapshot``)."""
+        (``weights_at_snapshot``). ``stage`` names the training within the schedule (a checkpoint
+        taken inside it is resumed only by the training of the same name)."""
 
     def weights(self) -> Masks:
         """A copy of the current weights (CPU)."""
@@ -62,15 +69,32 @@ class Job(Protocol):
     def sparsity(self) -> float:
         """Achieved sparsity of the targeted modules."""
 
+    def evaluate(self) -> dict[str, Any]:
+        """The run's full evaluation of the current model (lottery controls)."""
 
-def run(name: str, job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool) -> dict[str, Any]:
+    def resume(self) -> tuple[dict[str, Any] | None, Masks | None]:
+        """The schedule state and keep-masks of the last checkpoint, or (None, None). A checkpoint taken
+        after a finished step puts its weights back now; one taken inside a training puts them back
+        when the training of the same ``stage`` starts."""
+
+    def save(self, state: dict[str, Any], masks: Masks) -> None:
+        """Checkpoint after a finished step: ``state`` (JSON), the weights and ``masks``."""
+
+    def keep(self, group: str, tensors: Masks) -> None:
+        """Save ``tensors`` with every later checkpoint (they are written once)."""
+
+    def kept(self, group: str) -> Masks | None:
+        """What :meth:`keep` stored under ``group``, in this run or the one it resumes."""
+
+
+def run(name: str, job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool, seed: int = 0) -> dict[str, Any]:
     """Run schedule ``name``; return ``{"name", "trajectory": [...], ...}`` for results.json."""
     if name == "oneshot":
         return oneshot(job, sparsity, finetune)
     if name == "iterative":
         return iterative(job, cfg, sparsity, finetune)
     if name == "lottery":
-        return lottery(job, cfg)
+        return lottery(job, cfg, seed)
     raise ValueError(f"schedule={name!r} is not known; allowed: {', '.join(KNOWN_SCHEDULES)}")
 
 
@@ -81,50 +105,95 @@ def _point(job: Job, **fields: Any) -> dict[str, Any]:
 
 
 def oneshot(job: Job, sparsity: float, finetune: bool) -> dict[str, Any]:
-    job.prune(sparsity, None)
+    state, masks = job.resume()
+    state = state or {"pruned": False, "finetune": None}
+    if not state["pruned"]:
+        job.prune(sparsity, None)
+        state["pruned"] = True
+        if finetune:
+            masks = job.masks()
+            job.save(state, masks)
     result: dict[str, Any] = {"name": "oneshot", "trajectory": []}
     if finetune:
-        result["finetune"] = [job.finetune(job.masks())]
+        if state["finetune"] is None:
+            masks = masks if masks is not None else job.masks()
+            state["finetune"] = job.finetune(masks)
+            job.save(state, masks)
+        result["finetune"] = [state["finetune"]]
     return result
 
 
 def iterative(job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool) -> dict[str, Any]:
     targets = sequences.targets(str(cfg["rule"]), float(cfg["initial_sparsity"]), sparsity, int(cfg["steps"]))
-    trajectory, trainings = [], []
-    masks: Masks | None = None
-    for step, target in enumerate(targets, 1):
-        job.prune(target, masks)
-        masks = job.masks()
+    state, masks = job.resume()
+    state = state or {"done": 0, "pruned": False, "trajectory": [], "finetune": []}
+    for step in range(state["done"] + 1, len(targets) + 1):
+        target = targets[step - 1]
+        if not state["pruned"]:
+            job.prune(target, masks)
+            masks = job.masks()
+            state["pruned"] = True
+            if finetune:
+                job.save(state, masks)
         if finetune:
-            trainings.append(job.finetune(masks))
-        trajectory.append(_point(job, step=step, target=target))
-        log.info("iterative step %d/%d: target %.4f, achieved %.4f", step, len(targets), target, trajectory[-1]["achieved"])
-    return {"name": "iterative", "rule": cfg["rule"], "targets": targets, "trajectory": trajectory, "finetune": trainings}
+            state["finetune"].append(job.finetune(masks, stage=f"step {step}"))
+        state["trajectory"].append(_point(job, step=step, target=target))
+        state.update(done=step, pruned=False)
+        job.save(state, masks)
+        log.info("iterative step %d/%d: target %.4f, achieved %.4f", step, len(targets), target,
+                 state["trajectory"][-1]["achieved"])
+    return {"name": "iterative", "rule": cfg["rule"], "targets": targets, "trajectory": state["trajectory"],
+            "finetune": state["finetune"]}
 
 
-def lottery(job: Job, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def lottery(job: Job, cfg: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+    """IMP with rewinding, then the ``controls``; the model ends as the ticket (trained)."""
     rate, rounds, rewind_step = float(cfg["rate"]), int(cfg["rounds"]), int(cfg["rewind_step"])
     targets = sequences.lottery(rate, rounds)
-    rewind_to = job.weights() if rewind_step == 0 else None
-    masks = job.masks()  # the pretrained model's: nothing pruned (exact zeros aside)
-    trajectory, trainings = [], []
-    for round_index, target in enumerate(targets, 1):
-        training = job.finetune(masks, snapshot_step=rewind_step if rewind_to is None else None)
+    state, masks = job.resume()
+    state = state or {"round": 0, "trajectory": [], "finetune": [], "ticket": None, "controls": {}}
+    rewind_to = job.kept("rewind")
+    if rewind_to is None and rewind_step == 0:
+        rewind_to = job.weights()  # the pretrained weights (nothing of a resumed run is loaded before round 1 ends)
+        job.keep("rewind", rewind_to)
+    if masks is None:
+        masks = job.masks()  # the pretrained model's: nothing pruned (exact zeros aside)
+    for round_index in range(state["round"] + 1, rounds + 1):
+        target = targets[round_index - 1]
+        training = job.finetune(masks, snapshot_step=rewind_step if rewind_to is None else None,
+                                stage=f"round {round_index}")
         if rewind_to is None:
             rewind_to = training.pop("weights_at_snapshot")
-        trainings.append(training)
+            job.keep("rewind", rewind_to)
+        state["finetune"].append(training)
         trained = job.checkpoint_eval()
         job.prune(target, masks)
         masks = job.masks()
         job.rewind(rewind_to, masks)
-        trajectory.append(_point(job, round=round_index, target=target, trained_before_pruning=trained))
+        state["trajectory"].append(_point(job, round=round_index, target=target, trained_before_pruning=trained))
+        state["round"] = round_index
+        job.save(state, masks)
         log.info("lottery round %d/%d: %.4f sparse, survivors rewound to W_%d", round_index, rounds, target, rewind_step)
-    trainings.append(job.finetune(masks))
-    ticket = _point(job, round=rounds, target=targets[-1], branch="ticket")
-    result: dict[str, Any] = {"name": "lottery", "rate": rate, "rounds": rounds, "rewind_step": rewind_step,
-                              "targets": targets, "trajectory": trajectory, "ticket": ticket, "finetune": trainings,
-                              "ticket_masks": masks, "rewind_weights": rewind_to}
-    return result
+    if state["ticket"] is None:
+        state["finetune"].append(job.finetune(masks, stage="ticket"))
+        state["ticket"] = _point(job, round=rounds, target=targets[-1], branch="ticket")
+        job.save(state, masks)
+    branches = list(cfg.get("controls") or [])
+    ticket = job.kept("ticket")
+    if ticket is None and any(b not in state["controls"] for b in branches):
+        ticket = job.weights()
+        job.keep("ticket", ticket)
+    for branch in branches:
+        if branch in state["controls"]:
+            continue
+        result = control(job, branch, masks, rewind_to, targets[-1], seed)
+        result["evaluation"] = job.evaluate()
+        job.rewind(ticket, masks)  # the run's own evaluation is the ticket's
+        state["controls"][branch] = result
+        job.save(state, masks)
+    return {"name": "lottery", "rate": rate, "rounds": rounds, "rewind_step": rewind_step, "targets": targets,
+            "trajectory": state["trajectory"], "ticket": state["ticket"], "finetune": state["finetune"],
+            "controls": state["controls"]}
 
 
 def control(job: Job, branch: str, ticket_masks: Masks, rewind_to: Masks, final_sparsity: float, seed: int) -> dict[str, Any]:
@@ -138,5 +207,5 @@ def control(job: Job, branch: str, ticket_masks: Masks, rewind_to: Masks, final_
         masks = job.masks()
     else:
         raise ValueError(f"control {branch!r} is not known; allowed: {', '.join(KNOWN_CONTROLS)}")
-    training = job.finetune(masks)
+    training = job.finetune(masks, stage=f"control {branch}")
     return {"branch": branch, "finetune": training, **_point(job, branch=branch, target=final_sparsity)}

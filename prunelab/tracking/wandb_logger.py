@@ -33,10 +33,22 @@ class WandbLogger:
     def enabled(self) -> bool:
         return self.cfg.get("name") == "wandb" and self.cfg.get("mode") != "disabled"
 
-    def start(self, run_dir: Path, config: dict[str, Any], name: str, tags: list[str]) -> None:
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, tags: list[str],
+              resume: dict[str, Any] | None = None) -> None:
+        """Start the run; ``resume`` (``{"id", "step"}`` from a checkpoint) continues that W&B run's
+        history after its last step instead of starting another."""
         if not self.enabled:
             return
         import wandb
+
+        extra: dict[str, Any] = {}
+        if resume and resume.get("id"):
+            extra = {"id": resume["id"], "resume": "allow"}
+            self.step = int(resume.get("step") or 0)
 
         self.run = wandb.init(
             project=self.cfg.get("project", "prunelab"),
@@ -48,6 +60,7 @@ class WandbLogger:
             tags=list(tags),
             config=config,
             reinit="finish_previous",
+            **extra,
         )
         log.info("W&B run %s (%s) in %s", self.run.id, self.cfg.get("mode"), run_dir / "wandb")
 

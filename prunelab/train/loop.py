@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,26 @@ from prunelab.progress import progress
 from prunelab.train.masks import MaskGuard
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingProgress:
+    """Where an unfinished training stands: with the model's weights, enough to continue it exactly.
+
+    ``train`` hands one to its ``checkpoint`` callback every ``checkpoint_every`` steps and takes one
+    back as ``resume``; the caller stores it (``prunelab.schedules.job`` writes it into the run's
+    checkpoint with the weights).
+    """
+
+    step: int  # optimizer steps done
+    tokens: int
+    seconds: float
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    scheduler: dict[str, Any]  # the learning-rate scheduler's state_dict()
+    rng: torch.Tensor  # torch's CPU generator (dropout, when a model has it)
+    snapshot: dict[str, torch.Tensor] | None = None  # weights_at_snapshot, once taken
 
 
 def budget_steps(cfg: Mapping[str, Any]) -> int:
@@ -63,6 +84,9 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     evaluate: Callable[[], dict[str, Any]] | None = None,
     snapshot_step: int | None = None,
+    resume: TrainingProgress | None = None,
+    checkpoint: Callable[[TrainingProgress], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``windows`` (``[N, seqlen]`` token ids) for the configured budget.
 
@@ -74,6 +98,9 @@ def train(
         evaluate: called every ``eval_every`` steps and at the end; its dict joins the record.
         snapshot_step: keep a CPU copy of the weights after this step (0: before the first) in the
             result's ``weights_at_snapshot`` (lottery tickets rewind to it).
+        resume: continue an interrupted training from this point (the model holds its weights then).
+        checkpoint: called with the training's progress every ``checkpoint_every`` optimizer steps
+            (not after the last: the caller records a finished training itself).
 
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_s", "history": [per-step records], "evals": [...]}``.
@@ -95,14 +122,21 @@ def train(
     evals: list[dict[str, Any]] = []
     guard = MaskGuard(model, masks or {})
     snapshot: dict[str, torch.Tensor] | None = None
-    if snapshot_step == 0:
+    if snapshot_step == 0 and resume is None:
         snapshot = _copy_weights(model)
+    tokens, first_step, earlier_seconds = 0, 0, 0.0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        history, evals, snapshot = list(resume.history), list(resume.evals), resume.snapshot
+        tokens, first_step, earlier_seconds = resume.tokens, resume.step, resume.seconds
+        log.info("fine-tuning resumes after step %d of %d", first_step, steps)
     model.train()
-    tokens = 0
-    start = time.perf_counter()
+    start = time.perf_counter() - earlier_seconds
     try:
         with guard:
-            bar = progress(range(steps), desc="fine-tune", unit="step")
+            bar = progress(range(first_step, steps), desc="fine-tune", unit="step", total=steps - first_step)
             for step in bar:
                 loss_sum = 0.0
                 for micro_index in range(accum):
@@ -135,6 +169,10 @@ def train(
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 if on_step is not None:
                     on_step(record)
+                if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                    checkpoint(TrainingProgress(step + 1, tokens, time.perf_counter() - start, history, evals,
+                                                optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state(),
+                                                snapshot))
     finally:
         model.eval()
         if cfg.get("gradient_checkpointing"):
