@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunelab.tracking.results import current_umask
+
 log = logging.getLogger(__name__)
 
 FORMAT = "prunelab-checkpoint"
@@ -146,6 +148,7 @@ class CheckpointStore:
             partial = self.folder / (name + ".partial")
             save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, os.fspath(partial),
                       metadata={"format": FORMAT, "group": group})
+            os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates its files 0600
             files[group] = {"file": name, "sha256": _sha256(partial), "bytes": partial.stat().st_size}
             os.replace(partial, self.folder / name)
         state = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "generation": generation,

@@ -26,7 +26,7 @@ FAILED_FILE = "failed.json"
 _PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "datasets", "safetensors", "wandb", "gguf")
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where Linux shows it (no window with umask 0)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -47,7 +47,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")

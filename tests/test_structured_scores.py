@@ -1,0 +1,112 @@
+"""Structured importance scores against hand computations and naive loops on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prunelab.prune.structured import block_influence, flap, magnitude, taylor, wanda_sp
+from prunelab.prune.structured.units import per_unit
+
+g = torch.Generator().manual_seed(0)
+
+
+def _rand(*shape):
+    return torch.randn(*shape, generator=g)
+
+
+def test_per_unit_sums_consecutive_channels():
+    assert per_unit(torch.arange(6.0), 2).tolist() == [1.0, 5.0, 9.0]
+    with pytest.raises(ValueError):
+        per_unit(torch.arange(5.0), 2)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_magnitude_of_a_neuron_is_the_norm_of_its_rows_and_column(p):
+    gate, up, down = _rand(6, 4), _rand(6, 4), _rand(4, 6)
+    got = magnitude.unit_scores([gate, up], [down], width=1, p=p)
+    for i in range(6):
+        values = torch.cat([gate[i], up[i], down[:, i]])
+        want = values.abs().sum() if p == 1 else values.pow(2).sum().sqrt()
+        assert got[i].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_magnitude_of_a_head_spans_its_q_rows_and_o_columns():
+    head_dim, heads, hidden = 3, 4, 5
+    q, o = _rand(heads * head_dim, hidden), _rand(hidden, heads * head_dim)
+    got = magnitude.unit_scores([q], [o], width=head_dim, p=2)
+    for h in range(heads):
+        block = slice(h * head_dim, (h + 1) * head_dim)
+        want = (q[block].pow(2).sum() + o[:, block].pow(2).sum()).sqrt()
+        assert got[h].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_wanda_sp_sums_abs_weight_times_input_norm_over_a_units_channels():
+    w, x = _rand(5, 8), _rand(30, 8)
+    got = wanda_sp.unit_scores(w, x.pow(2).sum(0), width=2)
+    for unit in range(4):
+        want = sum(abs(w[i, j].item()) * x[:, j].norm().item() for i in range(5) for j in (2 * unit, 2 * unit + 1))
+        assert got[unit].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_flap_moments_and_fluctuation_scores():
+    x, w = _rand(50, 6) + 2.0, _rand(4, 6)
+    mean, var = flap.channel_moments(x.sum(0), x.pow(2).sum(0), 50)
+    torch.testing.assert_close(mean, x.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    got = flap.channel_scores(w, var)
+    for j in range(6):
+        assert got[j].item() == pytest.approx(x[:, j].var(unbiased=False).item() * w[:, j].pow(2).sum().item(), rel=1e-4)
+
+
+def test_flap_bias_compensation_keeps_the_mean_output_on_the_calibration_set():
+    x, w, b = _rand(200, 8) + 1.0, _rand(5, 8), _rand(5)
+    mean, _ = flap.channel_moments(x.sum(0), x.pow(2).sum(0), 200)
+    removed = torch.tensor([1, 4, 6])
+    kept = torch.tensor([0, 2, 3, 5, 7])
+    dense_mean = (x @ w.t() + b).mean(0)
+    pruned_mean = (x[:, kept] @ w[:, kept].t() + b + flap.bias_compensation(w, mean, removed)).mean(0)
+    torch.testing.assert_close(pruned_mean, dense_mean, rtol=1e-4, atol=1e-4)
+    without = (x[:, kept] @ w[:, kept].t() + b).mean(0)
+    assert (without - dense_mean).abs().max() > 0.1  # the compensation is what closes the gap
+
+
+def test_flap_standardises_each_module_kind_over_all_layers():
+    scores = flap.standardize([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+    flat = torch.cat(scores)
+    assert flat.mean().item() == pytest.approx(0.0, abs=1e-6) and flat.std().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_taylor_is_abs_weight_times_gradient_summed_over_the_unit_with_real_autograd():
+    gate = torch.nn.Parameter(_rand(4, 3))
+    down = torch.nn.Parameter(_rand(3, 4))
+    x = _rand(7, 3)
+    loss = (torch.nn.functional.silu(x @ gate.t()) @ down.t()).pow(2).mean()
+    loss.backward()
+    got = taylor.unit_scores([(gate.detach(), gate.grad)], [(down.detach(), down.grad)], width=1)
+    for i in range(4):
+        want = (gate[i] * gate.grad[i]).abs().sum() + (down[:, i] * down.grad[:, i]).abs().sum()
+        assert got[i].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_block_influence_and_angular_distance_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert block_influence.block_influence(x, 3 * x) == pytest.approx(0.0, abs=1e-12)  # same direction
+    turned = torch.tensor([[0.0, 1.0], [-2.0, 0.0]])  # each token turned by 90°
+    assert block_influence.block_influence(x, turned) == pytest.approx(1.0)
+    assert block_influence.angular_distance(x, turned) == pytest.approx(0.5)
+    assert block_influence.angular_distance(x, -x) == pytest.approx(1.0)
+    half = torch.tensor([[1.0, 1.0], [0.0, 2.0]])  # 45° then 0°: mean cos = (√2/2 + 1) / 2
+    assert block_influence.block_influence(x, half) == pytest.approx(1 - (math.sqrt(0.5) + 1) / 2)
+
+
+def test_the_block_that_turns_the_hidden_state_least_is_chosen():
+    h0 = torch.tensor([[1.0, 0.0]])
+    states = [h0, torch.tensor([[0.0, 1.0]]), torch.tensor([[0.1, 1.0]]), torch.tensor([[0.2, 1.0]]),
+              torch.tensor([[-1.0, 0.0]])]
+    start, distances = block_influence.best_block(states, 2)
+    assert start == 1 and len(distances) == 3
+    with pytest.raises(ValueError):
+        block_influence.best_block(states, 5)
