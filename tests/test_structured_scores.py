@@ -110,3 +110,16 @@ def test_the_block_that_turns_the_hidden_state_least_is_chosen():
     assert start == 1 and len(distances) == 3
     with pytest.raises(ValueError):
         block_influence.best_block(states, 5)
+
+
+def test_input_stats_give_flaps_mean_and_variance_over_batches():
+    from prunelab.prune.stats import SQ_NORM, SUM, InputStats
+
+    x = _rand(3, 40, 6) * 3 + 5  # three batches of 40 tokens
+    stats = InputStats(6, frozenset({SUM, SQ_NORM}))
+    for batch in x:
+        stats.add(batch)
+    mean, var = flap.channel_moments(stats.total, stats.sq_norm, stats.ntokens)
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(mean, flat.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, flat.var(0, unbiased=False), rtol=1e-3, atol=1e-4)

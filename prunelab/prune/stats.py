@@ -22,15 +22,18 @@ log = logging.getLogger(__name__)
 
 SQ_NORM = "sq_norm"  # per input feature: sum over calibration tokens of x_j^2, shape [in]
 HESSIAN = "hessian"  # sum over calibration tokens of x x^T, shape [in, in]
+SUM = "sum"  # per input feature: sum over calibration tokens of x_j, shape [in] (with SQ_NORM: mean, variance)
 
 
 class InputStats:
-    """Running sums of what a Linear receives during calibration (kept in float32)."""
+    """Running sums of what a Linear receives during calibration (float32; the plain sum in float64,
+    so a mean over millions of tokens does not drift)."""
 
     def __init__(self, in_features: int, needs: frozenset[str], device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.ntokens = 0
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if SQ_NORM in needs else None
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device) if SUM in needs else None
         self.hessian = (
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if HESSIAN in needs else None
         )
@@ -41,6 +44,8 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         if self.sq_norm is not None:
             self.sq_norm += x.pow(2).sum(dim=0).to(self.sq_norm.device)
+        if self.total is not None:
+            self.total += x.sum(dim=0, dtype=torch.float64).to(self.total.device)
         if self.hessian is not None:
             x = x.to(self.hessian.device)
             self.hessian.addmm_(x.t(), x)

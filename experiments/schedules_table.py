@@ -1,0 +1,100 @@
+"""The README's fine-tuning and schedules table, read from the runs' results.json files.
+
+Rows without fine-tuning come from the CPU-budget pruning table (experiments/results/cpu-budget/runs),
+rows with it from experiments/results/schedules/runs (written by experiments/run_schedules_table.sh);
+a lottery run gives three rows: the ticket and its two controls. Writes
+experiments/results/schedules/table.md and prints it.
+
+    python experiments/schedules_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("schedules_table")
+ROOT = Path(__file__).resolve().parent / "results"
+BASE = "python -m prunelab experiment=cpu-budget"
+
+# (label, run folder relative to ROOT, command overrides; None = the lottery's branches)
+ROWS = [
+    ("dense", "cpu-budget/runs/dense", "method=dense"),
+    ("magnitude 50%", "cpu-budget/runs/magnitude_0.5_unstructured_uniform", "method=magnitude sparsity=0.5"),
+    ("magnitude 50% + masked FT", "schedules/runs/magnitude_0.5_masked", "method=magnitude sparsity=0.5 finetune=masked"),
+    ("Wanda 50%", "cpu-budget/runs/wanda_0.5_unstructured_uniform", "method=wanda sparsity=0.5"),
+    ("Wanda 50% + masked FT", "schedules/runs/wanda_0.5_masked", "method=wanda sparsity=0.5 finetune=masked"),
+    ("SparseGPT 50%", "cpu-budget/runs/sparsegpt_0.5_unstructured_uniform", "method=sparsegpt sparsity=0.5"),
+    ("SparseGPT 50% + masked FT", "schedules/runs/sparsegpt_0.5_masked", "method=sparsegpt sparsity=0.5 finetune=masked"),
+    ("magnitude 60%", "cpu-budget/runs/magnitude_0.6_unstructured_uniform", "method=magnitude sparsity=0.6"),
+    ("magnitude 60% + masked FT", "schedules/runs/magnitude_0.6_masked", "method=magnitude sparsity=0.6 finetune=masked"),
+    ("iterative cubic, 4 steps to 60% (4 x 16,384 tokens)", "schedules/runs/iterative_magnitude_0.6_cubic4",
+     "method=magnitude sparsity=0.6 schedule=iterative schedule.steps=4 finetune=masked finetune.max_tokens=16384 "
+     "finetune.warmup_steps=3"),
+    ("lottery", "schedules/runs/lottery_magnitude_3x0.2",
+     "method=magnitude schedule=lottery schedule.rounds=3 schedule.rate=0.2 schedule.controls=[random,oneshot] "
+     "finetune=masked"),
+]
+
+
+def _row(label: str, payload: dict, command: str, ppl: float, achieved: float, tokens: int, seconds: float) -> str:
+    minutes = f"{seconds / 60:.1f}" if seconds else "–"
+    tokens_text = f"{tokens:,}" if tokens else "–"
+    return f"| {label} | {100 * achieved:.1f}% | {ppl:.2f} | {tokens_text} | {minutes} | `{command}` |"
+
+
+def _training(records: list[dict]) -> tuple[int, float]:
+    return sum(r["tokens"] for r in records), sum(r["seconds"] for r in records)
+
+
+def build() -> str:
+    lines = ["| run | achieved sparsity | WikiText-2 PPL | fine-tuning tokens | fine-tuning min | command |",
+             "|---|---|---|---|---|---|"]
+    for label, folder, overrides in ROWS:
+        path = ROOT / folder / "results.json"
+        if not path.is_file():
+            log.warning("%s: no %s yet", label, path)
+            lines.append(f"| {label} | | not run yet | | | `{BASE} {overrides}` |")
+            continue
+        payload = json.loads(path.read_text())
+        metrics = payload["metrics"]
+        ppl = metrics["perplexity"]["wikitext2"]["ppl"]
+        achieved = metrics["size"]["params"]["prunable"]["sparsity"]
+        command = f"{BASE} {overrides}"
+        schedule = metrics.get("schedule")
+        if schedule is None:
+            tokens, seconds = _training([metrics["finetune"]]) if "finetune" in metrics else (0, 0.0)
+            lines.append(_row(label, payload, command, ppl, achieved, tokens, seconds))
+        elif schedule["name"] == "iterative":
+            tokens, seconds = _training(schedule["finetune"])
+            lines.append(_row(label, payload, command, ppl, achieved, tokens, seconds))
+        else:  # lottery: the ticket (its last training is the budget the controls get) and the controls
+            last_tokens, last_seconds = _training(schedule["finetune"][-1:])
+            all_tokens, _ = _training(schedule["finetune"])
+            rounds = len(schedule["finetune"]) - 1
+            lines.append(_row(f"lottery ticket, {rounds} rounds at p = {schedule['rate']} (rewind to W_0; "
+                              f"{all_tokens:,} tokens over all rounds)", payload, command, ppl, achieved,
+                              last_tokens, last_seconds))
+            for branch, name in (("random", "random-mask control"), ("oneshot", "one-shot magnitude control")):
+                control = schedule.get("controls", {}).get(branch)
+                if control is None:
+                    continue
+                tokens, seconds = _training([control["finetune"]])
+                lines.append(_row(f"{name} (same sparsity, from W_0)", payload, "(same run)",
+                                  control["evaluation"]["perplexity"]["wikitext2"]["ppl"], control["achieved"],
+                                  tokens, seconds))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    table = build()
+    out = ROOT / "schedules" / "table.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    log.info("%s\nwritten to %s", table, out)
+
+
+if __name__ == "__main__":
+    main()
