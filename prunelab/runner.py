@@ -220,12 +220,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
         if checked.method is not None:
-            restored = None
-            if saved is not None:
-                with timer("resume"):
-                    restored = store.load()
             model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device,
-                                            store, restored)
+                                            store, resume=saved is not None)
             metrics.update(scheduled)
         elif cfg.finetune.name != "none":
             model, metrics["finetune"] = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)(model, {})
@@ -261,12 +257,12 @@ def checkpoint_store(cfg: DictConfig, resolved: dict[str, Any], checked: Checked
 
 def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checked: Checked, payload: dict[str, Any],
                  timer: Timer, logger: WandbLogger, run_dir: Path, device: torch.device, store: Any = None,
-                 restored: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 resume: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Prune (and fine-tune) as ``cfg.schedule`` says; returns the model to evaluate and its metrics.
 
     One-shot keeps today's record (``pruning``, ``sparsity``, ``finetune``); iterative and lottery add
     ``schedule`` with the trajectory, and lottery's controls, each evaluated with the run's preset.
-    With ``store`` the schedule checkpoints after every finished step; ``restored`` continues one.
+    With ``store`` the schedule checkpoints after every finished step; ``resume`` continues its checkpoint.
     """
     from prunelab.schedules import drivers
     from prunelab.schedules.job import RunJob
@@ -275,10 +271,11 @@ def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checke
         return evaluate(current, tokenizer, cfg, device, run_dir, timer)
 
     job = RunJob(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, logger, run_dir,
-                 store=store, restored=restored, checkpoint_every=cfg.checkpoint.every or 0, evaluate=evaluate_control)
+                 store=store, resume=resume, checkpoint_every=cfg.checkpoint.every or 0, evaluate=evaluate_control)
     schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
     finetuning = cfg.finetune.name != "none"
     schedule = drivers.run(cfg.schedule.name, job, schedule_cfg, float(cfg.sparsity), finetuning, int(cfg.seed))
+    job.check_resumed()
     # the schedule's own last pruning (a lottery's oneshot control prunes after the last round)
     last = int(cfg.schedule.rounds) - 1 if cfg.schedule.name == "lottery" else -1
     metrics: dict[str, Any] = {"pruning": dict(job.reports[last])}

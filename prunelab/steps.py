@@ -132,6 +132,7 @@ class FinetuneStep:
                 from prunelab.io.checkpoint import load_weights
 
                 load_weights(trained, resume_weights)
+                resume_weights.clear()  # the caller's copy too: the weights now live in the model only
             on_checkpoint = (lambda progress: checkpoint(progress, trained)) if checkpoint is not None else None
             result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
                            on_step=self.on_step, evaluate=self._evaluator(trained), snapshot_step=snapshot_step,

@@ -100,6 +100,10 @@ class CheckpointStore:
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"the checkpoint in {self.folder} was written by a run with another configuration; "
                                   f"rerun with the same overrides to resume, or {remedy}")
+        for entry in state["files"].values():  # the cheap checks now; sha256 in load()
+            path = self.folder / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise CheckpointError(f"checkpoint file {path} is missing or has the wrong size; {remedy}")
         return state
 
     def load(self) -> Checkpoint | None:
@@ -149,13 +153,17 @@ class CheckpointStore:
             save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, os.fspath(partial),
                       metadata={"format": FORMAT, "group": group})
             os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates its files 0600
+            _fsync(partial)
             files[group] = {"file": name, "sha256": _sha256(partial), "bytes": partial.stat().st_size}
             os.replace(partial, self.folder / name)
         state = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "generation": generation,
                  "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "data": data}
         partial = self.folder / (STATE + ".partial")
         partial.write_text(json.dumps(state, indent=1, default=_json_default))
+        _fsync(partial)
+        _fsync(self.folder)  # the renamed tensor files are on disk before state.json names them
         os.replace(partial, self.state_path)
+        _fsync(self.folder)
         self._files, self.generation = files, generation
         self._remove_unnamed()
         log.info("checkpoint %d saved in %s (%.1f s)", generation, self.folder, time.perf_counter() - started)
@@ -168,9 +176,16 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)
 
     def remove(self) -> None:
-        """Delete the checkpoint (its own files only; a folder holding anything else is left)."""
+        """Delete the checkpoint (its own files only; a folder holding anything else is left).
+
+        ``state.json`` goes first: a kill halfway leaves no checkpoint rather than one naming
+        missing files.
+        """
+        if self.folder.is_symlink():
+            raise CheckpointError(f"{self.folder} is a symbolic link; prunelab deletes nothing outside the run folder")
         if not self.folder.is_dir():
             return
+        self.state_path.unlink(missing_ok=True)
         for path in self.folder.iterdir():
             if _FILE.match(path.name) or path.name in (STATE, STATE + ".partial") or path.name.endswith(".partial"):
                 path.unlink(missing_ok=True)
@@ -178,6 +193,16 @@ class CheckpointStore:
             self.folder.rmdir()
         except OSError:
             log.warning("left %s: it holds files that are not the checkpoint's", self.folder)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or folder's data to disk (a power loss cannot leave a renamed, empty file)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_default(value: Any) -> Any:
@@ -247,9 +272,9 @@ def parameters(model: torch.nn.Module) -> Tensors:
 def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy a checkpoint's ``weights`` into ``model``; the names must be exactly the model's."""
     params = dict(model.named_parameters())
-    if set(params) != set(weights):
-        differ = sorted(set(params) ^ set(weights))[:1]
-        raise CheckpointError(f"the checkpoint's weights do not fit this model (first difference: {differ}); "
+    differ = sorted(set(params) ^ set(weights))[:1] or [n for n, p in params.items() if p.shape != weights[n].shape][:1]
+    if differ:
+        raise CheckpointError(f"the checkpoint's weights do not fit this model (first difference: {differ[0]}); "
                               f"delete the run folder's checkpoint/ to start again")
     for name, param in params.items():
         param.copy_(weights[name].to(param.device, param.dtype))

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from prunelab import steps
-from prunelab.io.checkpoint import (Checkpoint, CheckpointStore, load_weights, optimizer_from_tensors,
+from prunelab.io.checkpoint import (Checkpoint, CheckpointError, CheckpointStore, load_weights, optimizer_from_tensors,
                                     optimizer_to_tensors, parameters, rng_state, set_rng_state)
 from prunelab.io.masks import apply_masks
 from prunelab.prune.pattern import Pattern
@@ -29,13 +29,14 @@ class RunJob:
 
     ``model`` may be replaced by a training step (LoRA merges); read it from here after a schedule.
     With a ``store`` every ``save`` of a driver writes a checkpoint, and with ``checkpoint_every`` so
-    does every k-th optimizer step of a training (then with the optimizer state). ``restored`` is the
-    checkpoint this run continues from.
+    does every k-th optimizer step of a training (then with the optimizer state). With ``resume`` the
+    job loads the store's checkpoint (verified) and continues from it; only the job holds the loaded
+    tensors, and it lets go of them as soon as they are in the model.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern,
                  payload: dict[str, Any], timer: Any, logger: WandbLogger, run_dir: Path,
-                 store: CheckpointStore | None = None, restored: Checkpoint | None = None, checkpoint_every: int = 0,
+                 store: CheckpointStore | None = None, resume: bool = False, checkpoint_every: int = 0,
                  evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None):
         self.model, self.tokenizer, self.cfg, self.logger, self.timer = model, tokenizer, cfg, logger, timer
         self.payload = payload
@@ -44,14 +45,28 @@ class RunJob:
         self.reports: list[dict[str, Any]] = []
         self._evaluate = None  # built on first use: one-shot runs never score a trajectory point
         self._full_evaluation = evaluate
+        self.method = method
         self.store, self.every = store, int(checkpoint_every or 0) if store is not None else 0
-        self.restored = restored
         self._kept: dict[str, Masks] = {}  # groups saved with every checkpoint
         self._on_disk: set[str] = set()  # groups whose current tensors the checkpoint folder already holds
-        self._driver_state: str | None = None  # JSON of the last finished step's state (mid-training saves repeat it)
-        if restored is not None:
+        # the last finished step (a checkpoint inside a training repeats it): the driver's state as JSON,
+        # how many prunings had been reported, and the method's state then (random draws)
+        self._driver_state: str | None = None
+        self._boundary = {"reports": 0, "method": method.state_dict() if method is not None else {}}
+        self.restored: Checkpoint | None = None
+        if resume and store is not None:
+            with timer("resume"):
+                self.restored = store.load()
+        if self.restored is not None:
+            restored = self.restored
             job = restored.state["job"]
-            self.reports = list(job["reports"])
+            self._boundary = dict(job["boundary"])
+            inside_training = restored.state["training"] is not None
+            # inside a training the driver replays what came after the last finished step (a control's
+            # pruning): start from that step's reports and method state so the replay adds the same
+            self.reports = list(job["reports"][: self._boundary["reports"]] if inside_training else job["reports"])
+            if method is not None:
+                method.load_state_dict(self._boundary["method"] if inside_training else job["method"])
             if job.get("calibration") is not None:
                 payload["calibration"] = job["calibration"]
             for group in job["kept"]:
@@ -149,11 +164,15 @@ class RunJob:
         if self.store is None:
             return
         self._driver_state = json.dumps(state)
+        self._boundary = {"reports": len(self.reports), "method": self._method_state()}
         rng_json, rng_tensors = rng_state()
         with self.timer("checkpoint"):
             self._write({"driver": state, "training": None, "rng": rng_json},
                         {"weights": parameters(self.model), "masks": masks, "rng": rng_tensors})
         self._on_disk.add("masks")
+
+    def _method_state(self) -> dict[str, Any]:
+        return self.method.state_dict() if self.method is not None else {}
 
     def _save_training(self, stage: str, trained: torch.nn.Module, progress: TrainingProgress) -> None:
         optimizer_json, optimizer_tensors = optimizer_to_tensors(progress.optimizer)
@@ -176,6 +195,7 @@ class RunJob:
         for group, tensors in self._kept.items():
             groups[group] = None if group in self._on_disk else tensors
         data["job"] = {"reports": self.reports, "calibration": self.payload.get("calibration"),
+                       "method": self._method_state(), "boundary": self._boundary,
                        "kept": sorted(self._kept), "logger": {"id": self.logger.run_id, "step": self.logger.step}}
         self.store.save(data, groups)
         self._on_disk.update(self._kept)
@@ -199,6 +219,15 @@ class RunJob:
         return progress, weights
 
     def _release(self) -> None:
-        """The checkpoint is in use: drop the restored tensors the job no longer needs."""
+        """The checkpoint is in use: drop the restored tensors (kept groups live on in ``_kept``)."""
+        if self.restored is not None:
+            self.restored.tensors.clear()
         self.restored = None
+
+    def check_resumed(self) -> None:
+        """After the schedule: a checkpoint that was loaded but never put back would mean skipped steps."""
+        if self.restored is not None:
+            training = self.restored.state["training"]
+            raise CheckpointError(f"the checkpoint taken inside training {training and training['stage']!r} met no "
+                                  f"training of that name; delete {self.store.folder} to start again")
 

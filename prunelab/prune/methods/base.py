@@ -39,6 +39,13 @@ class PruningMethod(ABC):
     def __init__(self, **params: Any):
         self.params = params
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the method's draws (JSON); most methods keep none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state_dict` returned."""
+
     @property
     def global_scope(self) -> bool:
         """True when each module's target comes from one |W| threshold over all targeted modules.

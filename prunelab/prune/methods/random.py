@@ -26,6 +26,13 @@ class RandomPruning(PruningMethod):
         super().__init__(seed=seed)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
               frozen: torch.Tensor | None = None) -> PruneResult:
