@@ -123,3 +123,35 @@ def test_input_stats_give_flaps_mean_and_variance_over_batches():
     flat = x.reshape(-1, 6)
     torch.testing.assert_close(mean, flat.mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var, flat.var(0, unbiased=False), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_layer_scores_from_the_conveyor_equal_hooks_on_the_real_forward(block):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunelab.prune.structured.collect import layer_scores
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (3, 12), generator=g)
+    states: dict[int, list] = {}
+    hooks = [layer.register_forward_hook(
+        lambda module, args, out, i=i: states.setdefault(i, []).append(
+            (args[0] if args else None, out[0] if isinstance(out, tuple) else out)), with_kwargs=False)
+        for i, layer in enumerate(model.model.layers)]
+    inputs: dict[int, list] = {}
+    pre = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: inputs.setdefault(i, []).append(
+            args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks + pre:
+        h.remove()
+    x = [inputs[i][0] for i in range(4)] + [states[3][0][1]]
+    got = layer_scores(model, ids, block=block)
+    want_bi = [block_influence.block_influence(x[i], x[i + 1]) for i in range(4)]
+    want_ad = [block_influence.angular_distance(x[i], x[i + block]) for i in range(4 - block + 1)]
+    assert got["block_influence"] == pytest.approx(want_bi, abs=1e-5)
+    assert got["angular_distance"] == pytest.approx(want_ad, abs=1e-5)
