@@ -155,3 +155,31 @@ def test_layer_scores_from_the_conveyor_equal_hooks_on_the_real_forward(block):
     want_ad = [block_influence.angular_distance(x[i], x[i + block]) for i in range(4 - block + 1)]
     assert got["block_influence"] == pytest.approx(want_bi, abs=1e-5)
     assert got["angular_distance"] == pytest.approx(want_ad, abs=1e-5)
+
+
+def test_uniform_selection_takes_the_same_number_of_lowest_units_per_layer():
+    from prunelab.prune.structured import select
+
+    scores = [torch.tensor([5.0, 1.0, 3.0, 2.0]), torch.tensor([0.0, 9.0, 8.0, 7.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])]
+    assert select.uniform(scores, 0.5) == [[1, 3], [0, 3], [0, 1]]
+    assert select.uniform(scores, 0.5, protect=[0, 2]) == [[], [0, 3], []]
+
+
+def test_global_ranking_takes_the_lowest_everywhere_but_keeps_every_layer_alive():
+    from prunelab.prune.structured import select
+
+    scores = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([5.0, 6.0, 0.15])]
+    assert select.global_ranking(scores, 0.5) == [[0, 1], [2]]  # layer 0 keeps its one unit (min_keep=1)
+    assert select.global_ranking(scores, 0.3, min_keep=2) == [[0], [2]]
+    with pytest.raises(ValueError, match="keeps 2"):
+        select.global_ranking(scores, 0.5, min_keep=2)  # a third unit would leave a layer with one
+
+
+def test_gqa_head_selection_respects_the_groups():
+    from prunelab.prune.structured import select
+
+    scores = torch.tensor([3.0, 1.0, 2.0, 9.0, 0.5, 8.0])  # 3 groups of 2: (3,1) (2,9) (0.5,8)
+    assert select.heads_in_groups(scores, 3, 1) == [1, 2, 4]
+    assert select.whole_groups(scores, 3, 1) == [0, 1]  # group sums 4, 11, 8.5
+    with pytest.raises(ValueError):
+        select.heads_in_groups(scores, 3, 2)
