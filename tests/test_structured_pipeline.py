@@ -1,0 +1,99 @@
+"""Structured pruning end to end on a tiny Llama: the plan removes the units the scores rank lowest,
+FLAP's bias keeps the mean output, Taylor uses the real loss gradients, layer plans follow their scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunelab.models import surgery
+from prunelab.prune.structured import pipeline
+from prunelab.prune.structured.collect import layer_scores
+
+VOCAB = 64
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _calib():
+    return torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+def test_magnitude_neurons_remove_the_lowest_norm_neurons_of_each_layer():
+    model = _model()
+    expected = []
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        norms = [(mlp.gate_proj.weight[i].pow(2).sum() + mlp.up_proj.weight[i].pow(2).sum()
+                  + mlp.down_proj.weight[:, i].pow(2).sum()).item() for i in range(48)]
+        expected.append(sorted(sorted(range(48), key=norms.__getitem__)[:12]))
+    scores = pipeline.unit_scores(model, "neurons", "magnitude")
+    plan = pipeline.plan_units(model, "neurons", "magnitude", 0.25, scores)
+    assert plan.removed == expected
+    assert pipeline.apply_plan(model, plan) is True
+    assert model.config.intermediate_size == 36 and all(l.mlp.down_proj.in_features == 36 for l in model.model.layers)
+
+
+def test_flap_bias_keeps_the_layers_mean_output_on_the_calibration_set():
+    model = _model()
+    calib = _calib()
+    stats = pipeline.channel_stats(model, calib, "neurons")
+    scores = pipeline.unit_scores(model, "neurons", "flap", stats=stats)
+    plan = pipeline.plan_units(model, "neurons", "flap", 0.5, scores, protect=[1, 2, 3], stats=stats)
+    def mean_output_of_layer_0_mlp():
+        outputs = []
+        hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: outputs.append(out))
+        with torch.no_grad():
+            model(input_ids=calib, use_cache=False)  # layer 0 sees the same embeddings before and after
+        hook.remove()
+        return outputs[0].reshape(-1, 32).mean(0)
+
+    dense_mean = mean_output_of_layer_0_mlp()
+    assert pipeline.apply_plan(model, plan) is False  # Llama's down_proj has no bias: not a standard config
+    pruned_mean = mean_output_of_layer_0_mlp()
+    assert model.model.layers[0].mlp.down_proj.in_features == 24
+    torch.testing.assert_close(pruned_mean, dense_mean, rtol=1e-4, atol=1e-5)
+
+
+def test_taylor_scores_use_the_gradient_of_the_calibration_loss():
+    model = _model()
+    calib = _calib()
+    grads = pipeline.taylor_gradients(model, calib, batch_size=2)
+    model.zero_grad()
+    for batch in calib.split(2):  # the same sum of gradients, taken by hand
+        model(input_ids=batch, labels=batch).loss.backward()
+    o = model.model.layers[2].self_attn.o_proj
+    q = model.model.layers[2].self_attn.q_proj
+    scores = pipeline.unit_scores(model, "heads", "taylor", grads=grads)
+    for head in range(4):
+        block = slice(head * 8, (head + 1) * 8)
+        want = (q.weight[block] * q.weight.grad[block]).abs().sum() + (o.weight[:, block] * o.weight.grad[:, block]).abs().sum()
+        assert scores[2][head].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_wanda_heads_remove_one_query_head_per_kv_group():
+    model = _model()
+    stats = pipeline.channel_stats(model, _calib(), "heads")
+    scores = pipeline.unit_scores(model, "heads", "wanda", stats=stats)
+    plan = pipeline.plan_units(model, "heads", "wanda", 0.5, scores)
+    for layer, removed in enumerate(plan.removed):
+        assert len(removed) == 2 and {h // 2 for h in removed} == {0, 1}  # one from each group
+        assert removed == [min((0, 1), key=lambda h: scores[layer][h]), min((2, 3), key=lambda h: scores[layer][h])]
+    assert pipeline.apply_plan(model, plan) is True
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2)
+
+
+def test_layer_plans_follow_block_influence_or_take_the_last_layers():
+    model = _model()
+    calib = _calib()
+    bi = layer_scores(model, calib)["block_influence"]
+    plan = pipeline.plan_layers(model, "block_influence", 2, calib)
+    assert plan.removed == sorted(sorted(range(4), key=bi.__getitem__)[:2])
+    assert pipeline.plan_layers(model, "last", 2).removed == [1, 2]
+    assert pipeline.apply_plan(model, plan) is True and model.config.num_hidden_layers == 2
