@@ -144,6 +144,8 @@ def preflight(cfg: DictConfig) -> Checked:
 
 
 def run_name(cfg: DictConfig) -> str:
+    if cfg.structure.name != "none":
+        return f"{cfg.model.name}-{cfg.structure.name}-{cfg.structure.score}"
     if cfg.method.name == "dense":
         return f"{cfg.model.name}-dense"
     return f"{cfg.model.name}-{cfg.method.name}-{cfg.pattern if cfg.pattern != 'unstructured' else cfg.sparsity}-{cfg.allocation.name}"
@@ -219,12 +221,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if checked.facts is None:  # the config was not readable before the load: check now
                 payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
+        if cfg.structure.name != "none":
+            metrics["structure"] = steps.StructureStep(tokenizer, cfg, payload, timer, run_dir)(model)
         if checked.method is not None:
             model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device,
                                             store, resume=saved is not None)
             metrics.update(scheduled)
         elif cfg.finetune.name != "none":
             model, metrics["finetune"] = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)(model, {})
+        if cfg.structure.name != "none" and cfg.structure.save:
+            with timer("save_model"):
+                metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
         metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds

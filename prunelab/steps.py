@@ -169,3 +169,76 @@ def training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig,
         return {f"ppl_{name}": result["ppl"]}
 
     return evaluate
+
+
+class StructureStep:
+    """Remove heads, MLP neurons or layers for real, as ``cfg.structure`` says (``prune/structured``).
+
+    Returns the record for ``metrics.structure``: what was removed and by which score, the fraction of
+    units and of parameters removed, the per-layer widths, whether the config stays a standard one.
+    """
+
+    def __init__(self, tokenizer: Any, cfg: DictConfig, payload: dict[str, Any], timer: Any, run_dir: Path):
+        self.tokenizer, self.cfg, self.payload, self.timer, self.run_dir = tokenizer, cfg, payload, timer, run_dir
+
+    def _calibration(self) -> torch.Tensor:
+        from prunelab.data.calibration import get_calibration
+
+        with self.timer("calibration_data"):
+            ids, self.payload["calibration"] = get_calibration(self.tokenizer, self.cfg.calib, self.cfg.data_root,
+                                                               self.cfg.cache_dir)
+        return ids
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        from prunelab.models import surgery
+        from prunelab.prune.structured import pipeline
+
+        from prunelab.prune.engine import EngineSettings
+
+        st = self.cfg.structure
+
+        compute = EngineSettings.from_mapping(OmegaConf.to_container(self.cfg.prune, resolve=True)).compute_device
+        batch = int(self.cfg.prune.batch_size)
+        params_before = sum(p.numel() for p in model.parameters())
+        widths_before = surgery.layer_widths(model)
+        with self.timer("structure_scores"):
+            if st.name == "layers":
+                calib = None if st.score == "last" else self._calibration()
+                plan = pipeline.plan_layers(model, st.score, int(st.count), calib, compute)
+            else:
+                stats = grads = None
+                if st.score in ("wanda", "flap"):
+                    stats = pipeline.channel_stats(model, self._calibration(), st.name, compute, batch)
+                elif st.score == "taylor":
+                    grads = pipeline.taylor_gradients(model, self._calibration(), batch)
+                scores = pipeline.unit_scores(model, st.name, st.score, stats=stats, grads=grads)
+                plan = pipeline.plan_units(model, st.name, st.score, float(st.fraction), scores, str(st.allocation),
+                                           [int(i) for i in st.protect], stats, str(st.heads))
+                del grads
+        with self.timer("structure_surgery"):
+            standard = pipeline.apply_plan(model, plan)
+        params_after = sum(p.numel() for p in model.parameters())
+        widths = surgery.layer_widths(model)
+        if plan.unit == "layers":
+            units_before, units_after = len(widths_before), len(widths)
+        else:
+            key = "heads" if plan.unit == "heads" else "mlp"
+            units_before, units_after = sum(w[key] for w in widths_before), sum(w[key] for w in widths)
+        record = {"unit": plan.unit, "score": plan.score, "removed": plan.removed, "scores": plan.scores,
+                  "units_before": units_before, "units_after": units_after,
+                  "units_removed_fraction": 1 - units_after / units_before,
+                  "params_before": params_before, "params_after": params_after,
+                  "params_removed_fraction": 1 - params_after / params_before,
+                  "standard_config": standard, "widths": widths}
+        log.info("removed %d of %d %s (%s): %.1f%% of the parameters; config %s", units_before - units_after,
+                 units_before, plan.unit, plan.score, 100 * record["params_removed_fraction"],
+                 "standard" if standard else "with per-layer widths (prunelab's loader)")
+        return record
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> str:
+    """The model as it will be evaluated (safetensors + config) and its tokenizer, into ``folder``."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    log.info("saved the model to %s", folder)
+    return str(folder)

@@ -97,3 +97,66 @@ def test_layer_plans_follow_block_influence_or_take_the_last_layers():
     assert plan.removed == sorted(sorted(range(4), key=bi.__getitem__)[:2])
     assert pipeline.plan_layers(model, "last", 2).removed == [1, 2]
     assert pipeline.apply_plan(model, plan) is True and model.config.num_hidden_layers == 2
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+def _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, *overrides):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PRUNELAB_DATA=str(data_root), PRUNELAB_CACHE=str(cache_dir), WANDB_SILENT="true")
+    return subprocess.run(
+        [sys.executable, "-m", "prunelab", "model=hf", f"model.path={tiny_hf_dir}", "calib.nsamples=2",
+         "calib.seqlen=32", "eval.perplexity.seqlen=32", "eval.perplexity.max_windows=2", "logger=none",
+         f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_structured_run_shrinks_trains_saves_and_plain_transformers_reloads_it(tmp_path, tiny_hf_dir, data_root,
+                                                                                cache_dir):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunelab.data import sources
+    from prunelab.data.tokens import eval_stream
+    from prunelab.eval.perplexity import perplexity
+
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=neurons", "structure.score=wanda",
+                "structure.fraction=0.25", "structure.save=true", "finetune=masked", "finetune.seqlen=32",
+                "finetune.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    record = metrics["structure"]
+    assert record["units_before"] == 2 * 64 and record["units_after"] == 2 * 48
+    assert record["units_removed_fraction"] == 0.25 and record["standard_config"] is True
+    # 16 neurons x (gate row + up row + down column) x hidden 32, in each of the 2 layers
+    assert record["params_before"] - record["params_after"] == 2 * 16 * 3 * 32
+    assert metrics["finetune"]["steps"] == 2
+    folder = tmp_path / "run" / "model"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # plain transformers, nothing else
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.intermediate_size == 48
+    stream = eval_stream(sources.eval_source("wikitext2", data_root), tokenizer, 32)
+    assert perplexity(model, stream, 32, 2)["ppl"] == metrics["perplexity"]["wikitext2"]["ppl"]
+    text = tokenizer.decode(model.generate(**tokenizer("The", return_tensors="pt"), max_new_tokens=5, do_sample=False)[0])
+    assert text.startswith("The") and len(text) > 3
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["structure=neurons", "method=wanda"], "leave method=dense"),
+    (["structure=layers", "structure.count=2"], "the model has 2 layers"),
+    (["structure=heads", "structure.score=block_influence"], "structure.score"),
+    (["structure=neurons", "structure.fraction=1.0"], "structure.fraction=1.0"),
+])
+def test_bad_structure_settings_stop_before_the_model_loads(overrides, needle, tmp_path, tiny_hf_dir, data_root,
+                                                            cache_dir):
+    import json
+
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, *overrides)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and needle in said and "Traceback" not in said
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["phase"] == "preflight"

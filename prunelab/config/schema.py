@@ -162,6 +162,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class StructureConfig:
+    name: str = "none"  # none | neurons | heads | layers: remove units for real (a smaller dense model)
+    score: str = "wanda"  # neurons/heads: magnitude | wanda | flap | taylor; layers: block_influence | angular | last
+    fraction: float = 0.2  # neurons / heads: share of the units removed
+    allocation: str = "uniform"  # uniform (equal widths, standard config) | global (FLAP's ranking)
+    heads: str = "per_group"  # heads with GQA: per_group | groups
+    protect: list[int] = field(default_factory=list)  # layers left whole
+    count: int = 4  # layers: how many are removed
+    save: bool = False  # write the shrunk model into <run>/model
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = True  # runs that train or prune step by step checkpoint into <run>/checkpoint and resume from it
     every: Optional[int] = None  # also every k optimizer steps inside a training (with the optimizer state)
@@ -190,6 +202,7 @@ class PrunelabConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    structure: StructureConfig = field(default_factory=StructureConfig)
     sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation)
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...): N zeros in every M inputs
     seed: int = 0
@@ -342,6 +355,7 @@ def validate(cfg: DictConfig) -> Pattern:
     validate_schedule(cfg, pattern)
     if cfg.checkpoint.every is not None:
         _positive(cfg.checkpoint.every, "checkpoint.every")
+    validate_structure(cfg)
     _check_device(cfg.device, "device")
     _check_device(cfg.prune.device, "prune.device")
     _positive(cfg.prune.batch_size, "prune.batch_size")
@@ -381,6 +395,12 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
     from prunelab.prune import allocation
 
     warnings: list[str] = []
+    structure = cfg.structure
+    if structure.name == "layers" and not int(structure.count) < facts.num_layers:
+        raise ConfigError(f"structure.count={structure.count} but the model has {facts.num_layers} layers; remove fewer")
+    bad = [int(i) for i in structure.protect if not 0 <= int(i) < facts.num_layers]
+    if structure.name != "none" and bad:
+        raise ConfigError(f"structure.protect={list(structure.protect)}: the model's layers are 0..{facts.num_layers - 1}")
     if cfg.allocation.name == "explicit":
         try:
             allocation.explicit(dict(cfg.allocation.layers or {}), facts.num_layers, float(cfg.sparsity))
@@ -472,6 +492,31 @@ def validate_finetune(ft: DictConfig) -> None:
 
 
 KNOWN_SCHEDULES = ("oneshot", "iterative", "lottery")
+
+
+KNOWN_STRUCTURES = ("none", "neurons", "heads", "layers")
+
+
+def validate_structure(cfg: DictConfig) -> None:
+    """Structured removal settings that can be checked without the model."""
+    from prunelab.prune.structured.pipeline import LAYER_SCORES, UNIT_SCORES
+
+    st = cfg.structure
+    _choice(st.name, KNOWN_STRUCTURES, "structure")
+    if st.name == "none":
+        return
+    if cfg.method.name != "dense" or cfg.schedule.name != "oneshot":
+        raise ConfigError(f"structure={st.name} removes units on its own: leave method=dense and schedule=oneshot "
+                          f"(the score is structure.score)")
+    if st.name == "layers":
+        _choice(st.score, LAYER_SCORES, "structure.score")
+        _positive(st.count, "structure.count")
+        return
+    _choice(st.score, UNIT_SCORES, "structure.score")
+    _choice(st.allocation, ("uniform", "global"), "structure.allocation")
+    _choice(st.heads, ("per_group", "groups"), "structure.heads")
+    if not 0.0 < float(st.fraction) < 1.0:
+        raise ConfigError(f"structure.fraction={st.fraction} must lie in (0, 1): the share of {st.name} removed")
 
 
 def validate_schedule(cfg: DictConfig, pattern: Pattern) -> None:
