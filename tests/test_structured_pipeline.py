@@ -160,3 +160,42 @@ def test_bad_structure_settings_stop_before_the_model_loads(overrides, needle, t
     said = proc.stdout + proc.stderr
     assert proc.returncode == 2 and needle in said and "Traceback" not in said
     assert json.loads((tmp_path / "run" / "failed.json").read_text())["phase"] == "preflight"
+
+
+def test_per_layer_widths_and_flap_biases_reload_through_prunelabs_loader(tmp_path):
+    from transformers import AutoTokenizer
+
+    from prunelab.models.loading import load_model
+
+    model = _model()
+    calib = _calib()
+    stats = pipeline.channel_stats(model, calib, "neurons")
+    scores = pipeline.unit_scores(model, "neurons", "flap", stats=stats)
+    plan = pipeline.plan_units(model, "neurons", "flap", 0.3, scores, allocation="global", stats=stats)
+    assert len({len(r) for r in plan.removed}) > 1, "global ranking should give the layers different widths"
+    assert pipeline.apply_plan(model, plan) is False
+    stats = pipeline.channel_stats(model, calib, "heads")
+    heads = pipeline.plan_units(model, "heads", "wanda", 0.5, pipeline.unit_scores(model, "heads", "wanda", stats=stats),
+                                protect=[0, 3], heads="groups")
+    pipeline.apply_plan(model, heads)  # layers 1 and 2 lose a KV group, 0 and 3 keep both
+    with torch.no_grad():
+        expected = model(input_ids=calib).logits
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(tmp_path / "model")
+    loaded, _ = load_model({"name": "shrunk", "source": "hf", "path": str(tmp_path / "model"), "dtype": "float32"}, "cpu")
+    assert [w["mlp"] for w in surgery.layer_widths(loaded)] == [w["mlp"] for w in surgery.layer_widths(model)]
+    assert [w["kv_heads"] for w in surgery.layer_widths(loaded)] == [2, 1, 1, 2]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=calib).logits, expected)
+
+
+def _tokenizer_dir():
+    """A one-word tokenizer: the loader needs a tokenizer in the folder, the test none of its words."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tempfile.mkdtemp()
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))).save_pretrained(folder)
+    return folder

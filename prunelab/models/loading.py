@@ -324,7 +324,10 @@ def load_model(
         raise ModelLoadError(f"model.source={model_cfg['source']!r} is not valid; use hf or gguf_package")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k != "dtype"})
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if Path(location).is_dir() and _has_prunelab_widths(Path(location)):
+            model = load_shrunk(Path(location), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only models already in the HF cache load)" if offline else ""
@@ -335,3 +338,47 @@ def load_model(
     model.prunelab_source = source
     log.info("loaded %s (%s, %s) on %s", model_cfg["name"], type(model).__name__, dtype, device)
     return model, tokenizer
+
+
+def _has_prunelab_widths(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return bool(data.get("prunelab_widths") or data.get("prunelab_added_biases"))
+
+
+@torch.no_grad()
+def load_shrunk(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a structurally pruned model whose widths differ per layer (``config.prunelab_widths``) or
+    whose output projections gained biases (FLAP's compensation): build it from its config, shrink
+    each layer to its recorded widths, add the biases the weights name, then load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunelab.models import surgery
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    widths = getattr(config, "prunelab_widths", None)
+    if widths:
+        surgery.shrink_to(model, widths)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and module is not None and getattr(module, "bias", "absent") is None:
+            module.bias = torch.nn.Parameter(torch.zeros_like(value, dtype=dtype))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder}: the weights do not fit the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        model.tie_weights()
+    return model

@@ -280,3 +280,25 @@ def sync_config(model: nn.Module) -> bool:
     else:
         config.prunelab_widths = widths
     return uniform
+
+
+# ------------------------------------------------------------------------------- per-layer widths
+
+def shrink_to(model: nn.Module, widths: Sequence[dict[str, int]]) -> None:
+    """Shrink a freshly built model (standard widths) to recorded per-layer ``widths`` so a saved
+    state dict of a non-uniformly pruned model fits it. Which units go does not matter: the weights
+    are loaded afterwards. With GQA the last KV groups go first, then the last heads of each group."""
+    adapter = get_adapter(model)
+    if len(widths) != adapter.num_layers:
+        raise ValueError(f"{len(widths)} recorded layer widths for a model of {adapter.num_layers} layers")
+    for layer, target in enumerate(widths):
+        heads, kv_heads, _ = attention_shape(model, layer)
+        per_group = heads // kv_heads
+        if unit_spec(model).grouped:
+            keep_groups, keep_per_group = target["kv_heads"], target["heads"] // target["kv_heads"]
+            removed = [g * per_group + i for g in range(kv_heads) for i in range(per_group)
+                       if g >= keep_groups or i >= keep_per_group]
+        else:
+            removed = list(range(target["heads"], heads))
+        remove_heads(model, layer, removed)
+        remove_neurons(model, layer, range(target["mlp"], mlp_width(model, layer)))
