@@ -199,3 +199,14 @@ def _tokenizer_dir():
     folder = tempfile.mkdtemp()
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))).save_pretrained(folder)
     return folder
+
+
+def test_attention_flops_count_each_layers_own_heads():
+    from prunelab.eval.size import flops_per_token
+
+    model = _model()
+    surgery.remove_heads(model, 1, [0, 1])  # one whole KV group of layer 1
+    assert surgery.sync_config(model) is False
+    flops = flops_per_token(model, 10)
+    # 2 x 2 x heads x head_dim x keys per layer: 4, 2, 4, 4 heads of 8 dims, 10 keys
+    assert flops["attention"] == 2 * 2 * (4 + 2 + 4 + 4) * 8 * 10

@@ -122,7 +122,10 @@ def flops_per_token(model: nn.Module, context_len: int) -> dict[str, Any]:
     counts = _count(weights)
     _, n_heads, head_dim, windows = _attention_shape(model)
     keys = [min(context_len, w) if w else context_len for w in windows]
-    attention = sum(2 * 2 * n_heads * head_dim * k for k in keys)
+    # structurally pruned models may keep a different number of query heads in each layer
+    widths = getattr(model.config, "prunelab_widths", None)
+    heads = [int(w["heads"]) for w in widths] if widths else [n_heads] * len(keys)
+    attention = sum(2 * 2 * h * head_dim * k for h, k in zip(heads, keys))
     linear, linear_dense = 2 * counts["nonzero"], 2 * counts["total"]
     return {
         "context_len": context_len,
