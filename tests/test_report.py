@@ -334,3 +334,23 @@ def test_partial_split_is_noted_from_full_split_or_the_older_complete_key(sweep:
     markdown = build_report(sweep, tmp_path / "c", ["ppl:wikitext2"], plots=False)["markdown"].read_text()
     assert "seqlen 2048, 8 windows (not the full split)" in markdown
     assert "different perplexity protocols" not in markdown
+
+
+def test_runs_that_differ_in_schedule_finetuning_or_structure_get_their_own_rows():
+    from prunelab.report import Run
+    from prunelab.report.tables import col_label, col_sort_key, row_label
+
+    def run(**config):
+        base = {"method": {"name": "magnitude"}, "allocation": {"name": "uniform"}, "sparsity": 0.5,
+                "pattern": "unstructured", "schedule": {"name": "oneshot"}, "finetune": {"name": "none"}}
+        return Run("r", {"config": {**base, **config}})
+
+    assert row_label(run()) == "magnitude"
+    assert row_label(run(finetune={"name": "masked"})) == "magnitude + masked FT"
+    lottery = run(schedule={"name": "lottery", "rate": 0.2, "rounds": 3}, finetune={"name": "masked"})
+    assert row_label(lottery) == "magnitude + lottery + masked FT" and col_label(lottery) == "48.8%"
+    neurons = run(method={"name": "dense"}, structure={"name": "neurons", "score": "flap", "fraction": 0.2})
+    layers = run(method={"name": "dense"}, structure={"name": "layers", "score": "last", "count": 4})
+    assert (row_label(neurons), col_label(neurons)) == ("neurons (flap)", "20% neurons")
+    assert (row_label(layers), col_label(layers)) == ("layers (last)", "4 layers")
+    assert sorted(["4 layers", "50%", "2:4", "20% neurons"], key=col_sort_key) == ["50%", "2:4", "4 layers", "20% neurons"]

@@ -57,7 +57,23 @@ class Run:
         return str((self.config.get("allocation") or {}).get("name", "uniform"))
 
     @property
+    def schedule(self) -> str:
+        return str((self.config.get("schedule") or {}).get("name", "oneshot"))
+
+    @property
+    def finetune(self) -> str:
+        return str((self.config.get("finetune") or {}).get("name", "none"))
+
+    @property
+    def structure(self) -> dict[str, Any]:
+        return self.config.get("structure") or {"name": "none"}
+
+    @property
     def sparsity(self) -> float:
+        """The target sparsity; a lottery run's is its last round's, 1 - (1 - rate)^rounds."""
+        schedule = self.config.get("schedule") or {}
+        if schedule.get("name") == "lottery":
+            return 1 - (1 - float(schedule["rate"])) ** int(schedule["rounds"])
         return float(self.config.get("sparsity", 0.0))
 
     @property

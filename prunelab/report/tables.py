@@ -48,8 +48,18 @@ def allocation_suffix(run: "Run") -> str:
 
 
 def row_label(run: "Run") -> str:
-    """Method name, plus the allocation when it is not uniform (e.g. ``wanda + owl``)."""
-    return run.method + allocation_suffix(run)
+    """Method name, plus the allocation when it is not uniform, the schedule when it is not one-shot and
+    the fine-tuning when there is one (``wanda + owl``, ``magnitude + iterative + masked FT``); a
+    structured run is its unit and score (``neurons (wanda)``)."""
+    structure = run.structure
+    if structure.get("name", "none") != "none":
+        return f"{structure['name']} ({structure.get('score')})"
+    label = run.method + allocation_suffix(run)
+    if run.schedule != "oneshot":
+        label += f" + {run.schedule}"
+    if run.finetune != "none":
+        label += f" + {run.finetune} FT"
+    return label
 
 
 def format_sparsity(sparsity: float) -> str:
@@ -58,6 +68,11 @@ def format_sparsity(sparsity: float) -> str:
 
 def col_label(run: "Run") -> str:
     """``0% (dense)`` for the dense model, ``2:4`` for N:M, else the target sparsity in percent."""
+    structure = run.structure
+    if structure.get("name", "none") == "layers":
+        return f"{structure.get('count')} layers"
+    if structure.get("name", "none") != "none":
+        return f"{format_sparsity(structure.get('fraction', 0.0))} {structure['name']}"
     if run.method == "dense":
         return DENSE_COLUMN
     if run.pattern not in (None, "", "unstructured"):
@@ -76,8 +91,11 @@ def col_sort_key(label: str) -> tuple:
         return (0, 0.0, 0)
     if label.endswith("%"):
         return (1, float(label[:-1]), 0)
-    n, m = (int(x) for x in label.split(":"))
-    return (2, n / m, m)
+    if ":" in label:
+        n, m = (int(x) for x in label.split(":"))
+        return (2, n / m, m)
+    number, _, unit = label.partition(" ")  # structured: "4 layers", "20% neurons"
+    return (3, unit, float(number.rstrip("%")))
 
 
 # ------------------------------------------------------------------------------------------------ values
