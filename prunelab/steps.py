@@ -199,6 +199,12 @@ class StructureStep:
 
         compute = EngineSettings.from_mapping(OmegaConf.to_container(self.cfg.prune, resolve=True)).compute_device
         batch = int(self.cfg.prune.batch_size)
+        if st.name != "layers":
+            try:  # the model's shapes are known now: refuse an impossible plan before the statistics pass
+                pipeline.check_plan(model, st.name, float(st.fraction), str(st.allocation),
+                                    [int(i) for i in st.protect], str(st.heads))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         params_before = sum(p.numel() for p in model.parameters())
         widths_before = surgery.layer_widths(model)
         with self.timer("structure_scores"):
@@ -238,6 +244,10 @@ class StructureStep:
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> str:
     """The model as it will be evaluated (safetensors + config) and its tokenizer, into ``folder``."""
+    config = model.config
+    if getattr(config, "prunelab_widths", None) or getattr(config, "prunelab_added_biases", False):
+        log.warning("%s: widths that differ per layer or added biases: load it with prunelab (model=hf "
+                    "model.path=%s); plain from_pretrained would refuse the shapes or drop the biases", folder, folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     log.info("saved the model to %s", folder)

@@ -210,3 +210,39 @@ def test_attention_flops_count_each_layers_own_heads():
     flops = flops_per_token(model, 10)
     # 2 x 2 x heads x head_dim x keys per layer: 4, 2, 4, 4 heads of 8 dims, 10 keys
     assert flops["attention"] == 2 * 2 * (4 + 2 + 4 + 4) * 8 * 10
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=3,
+                                    num_attention_heads=4, word_embed_proj_dim=32)).eval()
+
+
+def test_heads_of_a_model_without_gqa_are_ranked_per_layer_with_their_k_and_v_rows():
+    model = _opt()
+    attn = model.model.decoder.layers[1].self_attn
+    scores = pipeline.unit_scores(model, "heads", "magnitude")
+    for head in range(4):  # q, k, v rows and o columns of the head, by hand
+        block = slice(head * 8, (head + 1) * 8)
+        want = sum(m.weight[block].pow(2).sum() for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        want = (want + attn.out_proj.weight[:, block].pow(2).sum()).sqrt()
+        assert scores[1][head].item() == pytest.approx(want.item(), rel=1e-5)
+    plan = pipeline.plan_units(model, "heads", "magnitude", 0.34, scores)  # round(4 x 0.34) = 1 head a layer
+    assert [len(r) for r in plan.removed] == [1, 1, 1]
+    assert plan.removed[1] == [int(torch.argmin(scores[1]))]
+    pipeline.apply_plan(model, plan)
+    assert model.model.decoder.layers[1].self_attn.num_heads == 3
+
+
+@pytest.mark.parametrize("make,kwargs,needle", [
+    (_model, dict(unit="heads", fraction=0.5, allocation="global"), "grouped-query attention"),
+    (_model, dict(unit="heads", fraction=0.2), "removes 0 of the 2"),
+    (_model, dict(unit="neurons", fraction=0.001), "rounds to none"),
+    (_model, dict(unit="neurons", fraction=0.5, protect=[0, 1, 2, 3]), "every layer"),
+    (_opt, dict(unit="heads", fraction=0.1), "rounds to none"),
+])
+def test_plans_that_cannot_work_are_refused_before_any_statistics(make, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        pipeline.check_plan(make(), **kwargs)

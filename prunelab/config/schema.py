@@ -399,7 +399,7 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
     if structure.name == "layers" and not int(structure.count) < facts.num_layers:
         raise ConfigError(f"structure.count={structure.count} but the model has {facts.num_layers} layers; remove fewer")
     bad = [int(i) for i in structure.protect if not 0 <= int(i) < facts.num_layers]
-    if structure.name != "none" and bad:
+    if structure.name in ("neurons", "heads") and bad:
         raise ConfigError(f"structure.protect={list(structure.protect)}: the model's layers are 0..{facts.num_layers - 1}")
     if cfg.allocation.name == "explicit":
         try:

@@ -65,7 +65,7 @@ _LLAMA = UnitSpec(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_pr
                   o="self_attn.o_proj", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj")
 UNITS: dict[str, UnitSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA, "gemma3": _LLAMA,
+    "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,  # not multimodal gemma3: its widths live in text_config
     "gpt2": UnitSpec(attention="attn", qkv="attn.c_attn", o="attn.c_proj", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
                      grouped=False, heads_key="n_head", kv_heads_key=None, mlp_key="n_inner", layers_key="n_layer"),
     "opt": UnitSpec(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
@@ -120,6 +120,8 @@ def _slice(module: nn.Module, keep: torch.Tensor, side: str) -> nn.Module:
     if new_bias is not None:
         new.bias.copy_(new_bias)
     new.weight.requires_grad_(weight.requires_grad)
+    if new_bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
     return new
 
 

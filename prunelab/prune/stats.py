@@ -32,7 +32,9 @@ class InputStats:
     def __init__(self, in_features: int, needs: frozenset[str], device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.ntokens = 0
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if SQ_NORM in needs else None
+        # with SUM (mean and variance wanted) the squares are summed in float64 too: var = E[x²] - E[x]²
+        sq_dtype = torch.float64 if SUM in needs else torch.float32
+        self.sq_norm = torch.zeros(in_features, dtype=sq_dtype, device=device) if SQ_NORM in needs else None
         self.total = torch.zeros(in_features, dtype=torch.float64, device=device) if SUM in needs else None
         self.hessian = (
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if HESSIAN in needs else None
@@ -43,7 +45,9 @@ class InputStats:
         """Accumulate a batch of inputs of any leading shape ``[..., in_features]``."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         if self.sq_norm is not None:
-            self.sq_norm += x.pow(2).sum(dim=0).to(self.sq_norm.device)
+            squares = x.pow(2).sum(dim=0) if self.sq_norm.dtype == torch.float32 else \
+                x.double().pow(2).sum(dim=0)
+            self.sq_norm += squares.to(self.sq_norm.device)
         if self.total is not None:
             self.total += x.sum(dim=0, dtype=torch.float64).to(self.total.device)
         if self.hessian is not None:

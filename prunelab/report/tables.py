@@ -53,7 +53,14 @@ def row_label(run: "Run") -> str:
     structured run is its unit and score (``neurons (wanda)``)."""
     structure = run.structure
     if structure.get("name", "none") != "none":
-        return f"{structure['name']} ({structure.get('score')})"
+        label = f"{structure['name']} ({structure.get('score')})"
+        if structure["name"] == "heads" and structure.get("heads", "per_group") != "per_group":
+            label += f" {structure['heads']}"
+        if structure["name"] != "layers" and structure.get("allocation", "uniform") != "uniform":
+            label += f" + {structure['allocation']}"
+        if run.finetune != "none":
+            label += f" + {run.finetune} FT"
+        return label
     label = run.method + allocation_suffix(run)
     if run.schedule != "oneshot":
         label += f" + {run.schedule}"

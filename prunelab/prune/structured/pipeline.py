@@ -56,7 +56,10 @@ def _projections(model: nn.Module, layer: int, unit: str) -> tuple[list[nn.Modul
         return [get(name) for name in spec.mlp_in], get(spec.mlp_out), 1
     if spec.qkv is not None:
         raise ValueError("heads of GPT-2's fused c_attn are not scored yet; choose neurons or layers")
-    return [get(spec.q)], get(spec.o), surgery.attention_shape(model, layer)[2]
+    heads, kv_heads, head_dim = surgery.attention_shape(model, layer)
+    # without GQA a head takes its own k and v rows with it: they count in its score (LLM-Pruner's group)
+    rows = [get(spec.q)] + ([get(spec.k), get(spec.v)] if heads == kv_heads else [])
+    return rows, get(spec.o), head_dim
 
 
 @torch.no_grad()
@@ -91,11 +94,18 @@ def taylor_gradients(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
     model.eval()
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
+    scored = {f"{m.full_name}.weight" for m in get_adapter(model).iter_prunable()}
+    sums: dict[str, torch.Tensor] = {}
     try:
         for batch in calib_ids.split(batch_size):
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+            for name, param in model.named_parameters():  # only the layers' weights, summed in float32
+                if name in scored and param.grad is not None:
+                    grad = param.grad.detach().float()
+                    sums[name] = sums[name].add_(grad) if name in sums else grad.clone()
+            model.zero_grad(set_to_none=True)
+        return sums
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -142,24 +152,25 @@ def plan_units(model: nn.Module, unit: str, score: str, fraction: float, scores:
     ranking over all layers of standardised scores). Heads of GQA models: ``per_group`` removes the
     same number of query heads from every KV group, ``groups`` whole KV groups.
     """
+    check_plan(model, unit, fraction, allocation, protect, heads)
+    grouped_heads = unit == "heads" and _gqa(model)
     if allocation == "global":
+        # one module kind is ranked at a time, so FLAP's standardisation keeps the order; it matters
+        # once heads and neurons are ranked together
         removed = select.global_ranking(flap.standardize(scores) if score == "flap" else scores, fraction, protect)
-    elif allocation == "uniform":
-        if unit == "heads":
-            removed = []
-            protected = set(protect)
-            for layer, head_scores in enumerate(scores):
-                n_heads, n_kv, _ = surgery.attention_shape(model, layer)
-                if layer in protected:
-                    removed.append([])
-                elif heads == "groups":
-                    removed.append(select.whole_groups(head_scores, n_kv, int(round(n_kv * fraction))))
-                else:
-                    removed.append(select.heads_in_groups(head_scores, n_kv, int(round(n_heads // n_kv * fraction))))
-        else:
-            removed = select.uniform(scores, fraction, protect)
+    elif grouped_heads:
+        removed = []
+        protected = set(protect)
+        for layer, head_scores in enumerate(scores):
+            n_heads, n_kv, _ = surgery.attention_shape(model, layer)
+            if layer in protected:
+                removed.append([])
+            elif heads == "groups":
+                removed.append(select.whole_groups(head_scores, n_kv, int(round(n_kv * fraction))))
+            else:
+                removed.append(select.heads_in_groups(head_scores, n_kv, int(round(n_heads // n_kv * fraction))))
     else:
-        raise ValueError(f"structured allocation must be uniform or global, not {allocation!r}")
+        removed = select.uniform(scores, fraction, protect)
     plan = StructuredPlan(unit, score, removed, [s.tolist() for s in scores])
     if score == "flap" and stats is not None:
         for layer, units in enumerate(removed):
@@ -169,6 +180,46 @@ def plan_units(model: nn.Module, unit: str, score: str, fraction: float, scores:
                 channels = torch.tensor([u * width + j for u in units for j in range(width)])
                 plan.compensation[layer] = flap.bias_compensation(_weight(output_proj), mean, channels)
     return plan
+
+
+def _gqa(model: nn.Module) -> bool:
+    heads, kv_heads, _ = surgery.attention_shape(model, 0)
+    return surgery.unit_spec(model).grouped and kv_heads < heads
+
+
+def check_plan(model: nn.Module, unit: str, fraction: float, allocation: str = "uniform", protect: Iterable[int] = (),
+               heads: str = "per_group") -> None:
+    """Refuse, before any statistics are gathered, a plan that cannot work on this model or removes nothing."""
+    surgery.unit_spec(model)  # an unsupported family stops here
+    if allocation not in ("uniform", "global"):
+        raise ValueError(f"structure.allocation must be uniform or global, not {allocation!r}")
+    layers = get_adapter(model).num_layers
+    if len(set(protect) & set(range(layers))) == layers:
+        raise ValueError("structure.protect names every layer: nothing would be removed")
+    if unit == "heads":
+        _projections(model, 0, unit)  # GPT-2's fused projection stops here
+        n_heads, n_kv, _ = surgery.attention_shape(model, 0)
+        if _gqa(model):
+            if allocation == "global":
+                raise ValueError("structure.allocation=global ranks heads across layers without regard to KV groups; "
+                                 "with grouped-query attention use allocation=uniform")
+            per_group = n_heads // n_kv
+            count = round(n_kv * fraction) if heads == "groups" else round(per_group * fraction)
+            whole = n_kv if heads == "groups" else per_group
+            if not 0 < count < whole:
+                what = "KV groups" if heads == "groups" else "query heads of each KV group"
+                raise ValueError(f"structure.fraction={fraction} removes {count} of the {whole} {what}; choose a "
+                                 f"fraction that removes between 1 and {whole - 1}")
+            return
+        if heads == "groups" and n_kv == 1:
+            raise ValueError("the model has one KV head: structure.heads=groups would remove all heads")
+        units = n_heads
+    elif unit == "neurons":
+        units = surgery.mlp_width(model, 0)
+    else:
+        return
+    if allocation == "uniform" and round(units * fraction) == 0:
+        raise ValueError(f"structure.fraction={fraction} of {units} {unit} per layer rounds to none; choose a larger fraction")
 
 
 def plan_layers(model: nn.Module, score: str, count: int, calib_ids: torch.Tensor | None = None,
