@@ -200,11 +200,12 @@ class StructureStep:
         compute = EngineSettings.from_mapping(OmegaConf.to_container(self.cfg.prune, resolve=True)).compute_device
         batch = int(self.cfg.prune.batch_size)
         if st.name != "layers":
-            try:  # the model's shapes are known now: refuse an impossible plan before the statistics pass
-                pipeline.check_plan(model, st.name, float(st.fraction), str(st.allocation),
-                                    [int(i) for i in st.protect], str(st.heads))
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
+            with self.timer("structure_check"):
+                try:  # the model's shapes are known now: refuse an impossible plan before the statistics pass
+                    pipeline.check_plan(model, st.name, float(st.fraction), str(st.allocation),
+                                        [int(i) for i in st.protect], str(st.heads))
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
         params_before = sum(p.numel() for p in model.parameters())
         widths_before = surgery.layer_widths(model)
         with self.timer("structure_scores"):

@@ -246,3 +246,12 @@ def test_heads_of_a_model_without_gqa_are_ranked_per_layer_with_their_k_and_v_ro
 def test_plans_that_cannot_work_are_refused_before_any_statistics(make, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         pipeline.check_plan(make(), **kwargs)
+
+
+def test_a_plan_refused_after_the_load_is_one_line_before_any_statistics(tmp_path, tiny_hf_dir, data_root, cache_dir):
+    import json
+
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=heads", "structure.allocation=global")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "grouped-query attention" in said and "Traceback" not in said
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["phase"] == "structure_check"
