@@ -140,10 +140,9 @@ def plot_layer_sparsity(runs: list["Run"], title: str, path: Path) -> Path | Non
 
 
 def _schedule_label(run: "Run") -> str:
-    schedule = (run.config.get("schedule") or {}).get("name", "oneshot")
-    finetune = (run.config.get("finetune") or {}).get("name", "none")
-    extra = f" + {finetune} fine-tuning" if finetune != "none" else ""
-    return f"{row_label(run)}, {schedule}{extra}"
+    """The run's table row (it names a schedule other than one-shot and the fine-tuning), one-shot said."""
+    label = row_label(run)
+    return label if run.schedule != "oneshot" else label.replace(run.method, f"{run.method} one-shot", 1)
 
 
 def plot_trajectories(runs: list["Run"], dataset: str, title: str, path: Path) -> Path | None:
