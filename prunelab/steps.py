@@ -26,6 +26,15 @@ def needs_calibration(method: Any) -> bool:
     return bool(method is not None and method.needs)
 
 
+def calibration_windows(tokenizer: Any, cfg: DictConfig, payload: dict[str, Any], timer: Any) -> torch.Tensor:
+    """The run's calibration token windows (cached); what they are is recorded in ``payload["calibration"]``."""
+    from prunelab.data.calibration import get_calibration
+
+    with timer("calibration_data"):
+        ids, payload["calibration"] = get_calibration(tokenizer, cfg.calib, cfg.data_root, cfg.cache_dir)
+    return ids
+
+
 class PruneStep:
     """Prune the model in place to a sparsity, keeping earlier masks frozen; calibration fetched once."""
 
@@ -48,12 +57,7 @@ class PruneStep:
                     raise ConfigError(str(error)) from None
             self.checked = True
         if self.calib_ids is None and needs_calibration(self.method):
-            from prunelab.data.calibration import get_calibration
-
-            with self.timer("calibration_data"):
-                self.calib_ids, self.payload["calibration"] = get_calibration(
-                    self.tokenizer, self.cfg.calib, self.cfg.data_root, self.cfg.cache_dir
-                )
+            self.calib_ids = calibration_windows(self.tokenizer, self.cfg, self.payload, self.timer)
         with self.timer("prune"):
             report = prune_model(model, self.method, self.calib_ids, float(sparsity), self.pattern,
                                  OmegaConf.to_container(self.cfg.allocation, resolve=True), self.engine_cfg, frozen)
@@ -182,12 +186,7 @@ class StructureStep:
         self.tokenizer, self.cfg, self.payload, self.timer, self.run_dir = tokenizer, cfg, payload, timer, run_dir
 
     def _calibration(self) -> torch.Tensor:
-        from prunelab.data.calibration import get_calibration
-
-        with self.timer("calibration_data"):
-            ids, self.payload["calibration"] = get_calibration(self.tokenizer, self.cfg.calib, self.cfg.data_root,
-                                                               self.cfg.cache_dir)
-        return ids
+        return calibration_windows(self.tokenizer, self.cfg, self.payload, self.timer)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         from prunelab.models import surgery

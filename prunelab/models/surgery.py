@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prunelab.models.adapters import get_adapter
+from prunelab.models.adapters import PrunableModule, get_adapter
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,7 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+    return PrunableModule(0, "", "", module).out_features
 
 
 @torch.no_grad()

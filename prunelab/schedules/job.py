@@ -99,9 +99,7 @@ class RunJob:
 
     @torch.no_grad()
     def rewind(self, weights: Masks, masks: Masks) -> None:
-        params = dict(self.model.named_parameters())
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+        load_weights(self.model, weights)
         if masks:
             apply_masks(self.model, masks)
 

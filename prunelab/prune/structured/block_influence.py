@@ -10,7 +10,8 @@ import math
 import torch
 
 
-def _cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+def cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """cos(x_in, x_out) per token of ``[..., hidden]`` states, in float64."""
     if x_in.shape != x_out.shape:
         raise ValueError(f"hidden states of shapes {tuple(x_in.shape)} and {tuple(x_out.shape)} cannot be compared")
     a = x_in.reshape(-1, x_in.shape[-1]).double()
@@ -20,12 +21,12 @@ def _cosines(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
 
 def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
     """1 − E[cos(x_in, x_out)] over every token of ``[..., hidden]`` states."""
-    return float(1.0 - _cosines(x_in, x_out).mean())
+    return float(1.0 - cosines(x_in, x_out).mean())
 
 
 def angular_distance(x_start: torch.Tensor, x_end: torch.Tensor) -> float:
     """E[arccos(cos(x_start, x_end)) / π] over tokens: 0 = same direction, 1 = opposite."""
-    return float((_cosines(x_start, x_end).clamp(-1, 1).acos() / math.pi).mean())
+    return float((cosines(x_start, x_end).clamp(-1, 1).acos() / math.pi).mean())
 
 
 def best_block(hidden: list[torch.Tensor], n: int) -> tuple[int, list[float]]:

@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from prunelab.models.adapters import get_adapter
+from prunelab.prune.structured.block_influence import cosines
 from prunelab.prune.walk import LayerStop, LayerWalk
-
-
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a.reshape(-1, a.shape[-1]).double()
-    b = b.reshape(-1, b.shape[-1]).double()
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
 @torch.no_grad()
@@ -51,11 +46,11 @@ def layer_scores(model: nn.Module, calib_ids: torch.Tensor, device: torch.device
             recent.append(stop.inputs)
             tokens[0] = sum(x[..., 0].numel() for x in stop.inputs)
         outputs = walk.forward(stop)
-        cos_sum[stop.index] = float(sum(_cosines(x, y).sum() for x, y in zip(stop.inputs, outputs)))
+        cos_sum[stop.index] = float(sum(cosines(x, y).sum() for x, y in zip(stop.inputs, outputs)))
         recent.append(outputs)
         start = stop.index + 1 - block
         if start >= 0:
-            angle_sum[start] = float(sum((_cosines(x, y).clamp(-1, 1).acos() / math.pi).sum()
+            angle_sum[start] = float(sum((cosines(x, y).clamp(-1, 1).acos() / math.pi).sum()
                                          for x, y in zip(recent[0], outputs)))
         return outputs
 
