@@ -38,7 +38,7 @@ ROWS = [
 ]
 
 
-def _row(label: str, payload: dict, command: str, ppl: float, achieved: float, tokens: int, seconds: float) -> str:
+def _row(label: str, command: str, ppl: float, achieved: float, tokens: int, seconds: float) -> str:
     minutes = f"{seconds / 60:.1f}" if seconds else "–"
     tokens_text = f"{tokens:,}" if tokens else "–"
     return f"| {label} | {100 * achieved:.1f}% | {ppl:.2f} | {tokens_text} | {minutes} | `{command}` |"
@@ -65,23 +65,23 @@ def build() -> str:
         schedule = metrics.get("schedule")
         if schedule is None:
             tokens, seconds = _training([metrics["finetune"]]) if "finetune" in metrics else (0, 0.0)
-            lines.append(_row(label, payload, command, ppl, achieved, tokens, seconds))
+            lines.append(_row(label, command, ppl, achieved, tokens, seconds))
         elif schedule["name"] == "iterative":
             tokens, seconds = _training(schedule["finetune"])
-            lines.append(_row(label, payload, command, ppl, achieved, tokens, seconds))
+            lines.append(_row(label, command, ppl, achieved, tokens, seconds))
         else:  # lottery: the ticket (its last training is the budget the controls get) and the controls
             last_tokens, last_seconds = _training(schedule["finetune"][-1:])
             all_tokens, _ = _training(schedule["finetune"])
             rounds = len(schedule["finetune"]) - 1
             lines.append(_row(f"lottery ticket, {rounds} rounds at p = {schedule['rate']} (rewind to W_0; "
-                              f"{all_tokens:,} tokens over all rounds)", payload, command, ppl, achieved,
+                              f"{all_tokens:,} tokens over all rounds)", command, ppl, achieved,
                               last_tokens, last_seconds))
             for branch, name in (("random", "random-mask control"), ("oneshot", "one-shot magnitude control")):
                 control = schedule.get("controls", {}).get(branch)
                 if control is None:
                     continue
                 tokens, seconds = _training([control["finetune"]])
-                lines.append(_row(f"{name} (same sparsity, from W_0)", payload, "(same run)",
+                lines.append(_row(f"{name} (same sparsity, from W_0)", "(same run)",
                                   control["evaluation"]["perplexity"]["wikitext2"]["ppl"], control["achieved"],
                                   tokens, seconds))
     return "\n".join(lines) + "\n"

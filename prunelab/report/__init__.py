@@ -44,25 +44,29 @@ class Run:
     def metrics(self) -> dict[str, Any]:
         return self.results.get("metrics") or {}
 
+    def _option(self, group: str, default: str) -> str:
+        """The ``name`` of config group ``group`` (``default`` when the run's config lacks it)."""
+        return str((self.config.get(group) or {}).get("name", default))
+
     @property
     def model(self) -> str:
-        return str((self.config.get("model") or {}).get("name", "?"))
+        return self._option("model", "?")
 
     @property
     def method(self) -> str:
-        return str((self.config.get("method") or {}).get("name", "?"))
+        return self._option("method", "?")
 
     @property
     def allocation(self) -> str:
-        return str((self.config.get("allocation") or {}).get("name", "uniform"))
+        return self._option("allocation", "uniform")
 
     @property
     def schedule(self) -> str:
-        return str((self.config.get("schedule") or {}).get("name", "oneshot"))
+        return self._option("schedule", "oneshot")
 
     @property
     def finetune(self) -> str:
-        return str((self.config.get("finetune") or {}).get("name", "none"))
+        return self._option("finetune", "none")
 
     @property
     def structure(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from prunelab.io.checkpoint import (Checkpoint, CheckpointError, CheckpointStore
 from prunelab.io.masks import apply_masks
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.wandb_logger import WandbLogger
-from prunelab.train.loop import TrainingProgress
+from prunelab.train.loop import TrainingProgress, copy_weights
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RunJob:
         return record
 
     def weights(self) -> Masks:
-        return {name: param.detach().to("cpu", copy=True) for name, param in self.model.named_parameters()}
+        return copy_weights(self.model)
 
     @torch.no_grad()
     def rewind(self, weights: Masks, masks: Masks) -> None:

@@ -123,7 +123,7 @@ def train(
     guard = MaskGuard(model, masks or {})
     snapshot: dict[str, torch.Tensor] | None = None
     if snapshot_step == 0 and resume is None:
-        snapshot = _copy_weights(model)
+        snapshot = copy_weights(model)
     tokens, first_step, earlier_seconds = 0, 0, 0.0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -156,7 +156,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 guard.reapply()
                 if snapshot_step is not None and step + 1 == snapshot_step:
-                    snapshot = _copy_weights(model)
+                    snapshot = copy_weights(model)
                 elapsed = time.perf_counter() - start
                 record = {"step": step + 1, "loss": loss_sum / accum, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
@@ -191,5 +191,6 @@ def train(
     return result
 
 
-def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter, by name (tied ones once)."""
     return {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()}
