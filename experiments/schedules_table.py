@@ -17,24 +17,25 @@ from pathlib import Path
 log = logging.getLogger("schedules_table")
 ROOT = Path(__file__).resolve().parent / "results"
 BASE = "python -m prunelab experiment=cpu-budget"
+BUDGET = "finetune=masked finetune.max_tokens=131072"  # 128 steps of 2 x 512 tokens per training
 
 # (label, run folder relative to ROOT, command overrides; None = the lottery's branches)
 ROWS = [
     ("dense", "cpu-budget/runs/dense", "method=dense"),
     ("magnitude 50%", "cpu-budget/runs/magnitude_0.5_unstructured_uniform", "method=magnitude sparsity=0.5"),
-    ("magnitude 50% + masked FT", "schedules/runs/magnitude_0.5_masked", "method=magnitude sparsity=0.5 finetune=masked"),
+    ("magnitude 50% + masked FT", "schedules/runs/magnitude_0.5_masked", f"method=magnitude sparsity=0.5 {BUDGET}"),
     ("Wanda 50%", "cpu-budget/runs/wanda_0.5_unstructured_uniform", "method=wanda sparsity=0.5"),
-    ("Wanda 50% + masked FT", "schedules/runs/wanda_0.5_masked", "method=wanda sparsity=0.5 finetune=masked"),
+    ("Wanda 50% + masked FT", "schedules/runs/wanda_0.5_masked", f"method=wanda sparsity=0.5 {BUDGET}"),
     ("SparseGPT 50%", "cpu-budget/runs/sparsegpt_0.5_unstructured_uniform", "method=sparsegpt sparsity=0.5"),
-    ("SparseGPT 50% + masked FT", "schedules/runs/sparsegpt_0.5_masked", "method=sparsegpt sparsity=0.5 finetune=masked"),
+    ("SparseGPT 50% + masked FT", "schedules/runs/sparsegpt_0.5_masked", f"method=sparsegpt sparsity=0.5 {BUDGET}"),
     ("magnitude 60%", "cpu-budget/runs/magnitude_0.6_unstructured_uniform", "method=magnitude sparsity=0.6"),
-    ("magnitude 60% + masked FT", "schedules/runs/magnitude_0.6_masked", "method=magnitude sparsity=0.6 finetune=masked"),
-    ("iterative cubic, 4 steps to 60% (4 x 16,384 tokens)", "schedules/runs/iterative_magnitude_0.6_cubic4",
-     "method=magnitude sparsity=0.6 schedule=iterative schedule.steps=4 finetune=masked finetune.max_tokens=16384 "
+    ("magnitude 60% + masked FT", "schedules/runs/magnitude_0.6_masked", f"method=magnitude sparsity=0.6 {BUDGET}"),
+    ("iterative cubic, 4 steps to 60% (4 x 32,768 tokens)", "schedules/runs/iterative_magnitude_0.6_cubic4",
+     "method=magnitude sparsity=0.6 schedule=iterative schedule.steps=4 finetune=masked finetune.max_tokens=32768 "
      "finetune.warmup_steps=3"),
     ("lottery", "schedules/runs/lottery_magnitude_3x0.2",
      "method=magnitude schedule=lottery schedule.rounds=3 schedule.rate=0.2 schedule.controls=[random,oneshot] "
-     "finetune=masked"),
+     f"{BUDGET}"),
 ]
 
 
