@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from prunelab.eval.latency import device_info, follows_two_four, measure_latency, summarize, synchronize
+from prunelab.eval.latency import device_info, follows_two_four, measure_latency, summarize, time_calls
 from prunelab.eval.size import count_parameters, prunable_linears
 from prunelab.prune.masks import nm_mask
 from prunelab.prune.pattern import Pattern
@@ -100,8 +100,8 @@ def linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
 
 
 @torch.no_grad()
-def bench_matmuls(shape: str, tokens: list[int], dtype: torch.dtype, device: torch.device, repeats: int,
-                  inner: int = 20) -> list[dict[str, Any]]:
+def bench_matmuls(shape: str, tokens: list[int], dtype: torch.dtype, device: torch.device,
+                  repeats: int) -> list[dict[str, Any]]:
     """Per Linear shape and token count: ms per F.linear, dense weight vs its 2:4 semi-structured copy."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -113,17 +113,9 @@ def bench_matmuls(shape: str, tokens: list[int], dtype: torch.dtype, device: tor
             x = torch.randn(n, fan_in, generator=gen, device=device, dtype=dtype)
             entry: dict[str, Any] = {"linear": name, "in": fan_in, "out": fan_out, "tokens": n}
             for label, w in (("dense", weight), ("sparse", sparse)):
-                for _ in range(3):
-                    nn.functional.linear(x, w)
-                samples = []
-                for _ in range(repeats):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(inner):
-                        nn.functional.linear(x, w)
-                    synchronize(device)
-                    samples.append(1000 * (time.perf_counter() - start) / inner)
-                entry[f"{label}_ms"] = summarize(samples)
+                measurement = time_calls(lambda: nn.functional.linear(x, w), warmup=3, repeats=repeats,
+                                         label=name, description=f"{label}, {n} tokens")
+                entry[f"{label}_ms"] = summarize(measurement, scale=1000.0)
             entry["speedup"] = entry["dense_ms"]["median"] / entry["sparse_ms"]["median"]
             rows.append(entry)
             log.info("%s %dx%d, %d tokens: dense %.3f ms, 2:4 %.3f ms (x%.2f)", name, fan_out, fan_in, n,
@@ -133,7 +125,7 @@ def bench_matmuls(shape: str, tokens: list[int], dtype: torch.dtype, device: tor
 
 # ----------------------------------------------------------------------------------------------- report
 def _fmt_range(stats: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
-    return f"{stats['median'] * scale:.{digits}f} ({stats['q1'] * scale:.{digits}f}–{stats['q3'] * scale:.{digits}f})"
+    return f"{stats['median'] * scale:.{digits}f} (IQR {stats['iqr'] * scale:.{digits}f})"
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -148,7 +140,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- {result['params'] / 1e9:.3f}B parameters; 2:4 = magnitude mask on every decoder Linear "
         f"({result['pruned_linears']} matrices); embeddings and lm_head dense",
         f"- batch {result['settings']['batch_size']}, warmup {result['settings']['warmup']}, "
-        f"{result['settings']['repeats']} timed runs; cells: median (q1–q3)",
+        f"~{result['settings']['repeats']} timed runs (torch.utils.benchmark blocked_autorange); cells: median (IQR or min–max)",
         "",
         "## Prefill throughput (tokens/s; one forward, last-position logits)",
         "",
@@ -161,26 +153,29 @@ def to_markdown(result: dict[str, Any]) -> str:
             entry = result["variants"][v]["latency"]["prefill"][str(length)]
             seconds = entry["seconds"]
             tokens = entry["tokens"]
-            cells.append(f"{tokens / seconds['median']:,.0f} ({tokens / seconds['q3']:,.0f}–{tokens / seconds['q1']:,.0f})")
+            cells.append(f"{tokens / seconds['median']:,.0f} ({tokens / seconds['max']:,.0f}–{tokens / seconds['min']:,.0f})")
             medians.append(tokens / seconds["median"])
         ratios = [f"x{m / medians[0]:.2f}" for m in medians[1:]]
         lines.append(f"| {length} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "## Decode (ms per generated token, greedy)", "",
               f"| variant | mode | prompt | new tokens | ms/token | {variants[0]} / variant |", "|:---|:---|---:|---:|---:|---:|"]
-    first_ms = None
+    first_ms: dict[str, float] = {}
     for v in variants:
-        decode = result["variants"][v]["latency"]["decode"]
-        ms = decode["ms_per_token"]["median"]
-        first_ms = first_ms if first_ms is not None else ms
-        lines.append(f"| {v} | {decode['mode']} | {decode['prompt_len']} | {decode['new_tokens']} | "
-                     f"{_fmt_range(decode['ms_per_token'])} | x{first_ms / ms:.2f} |")
+        latency = result["variants"][v]["latency"]
+        for decode in (latency["decode"], latency.get("decode_compiled")):
+            if decode is None:
+                continue
+            ms = decode["ms_per_token"]["median"]
+            first_ms.setdefault(decode["mode"], ms)
+            lines.append(f"| {v} | {decode['mode']} | {decode['prompt_len']} | {decode['new_tokens']} | "
+                         f"{_fmt_range(decode['ms_per_token'])} | x{first_ms[decode['mode']] / ms:.2f} |")
     lines += ["", "## Kernels actually used", "", "| variant | kernels | swapped | reason / notes |", "|:---|:---|---:|:---|"]
     for v, info in result["variants"].items():
         if "latency" not in info:
             lines.append(f"| {v} | – | – | FAILED: {info.get('error')} |")
             continue
         k = info["latency"]["kernels"]
-        notes = "; ".join(info["latency"]["notes"] + ([info["compile_error"]] if info.get("compile_error") else []))
+        notes = "; ".join(info["latency"]["notes"])
         swapped = f"{k['swapped']}/{k['linears']}" if k["requested"] else "–"
         backend = f" ({k['backend']}, check max|err| {k.get('check_max_abs_err'):.2g})" if k.get("backend") else ""
         lines.append(f"| {v} | {k['used']}{backend} | {swapped} | {notes or '–'} |")
@@ -214,28 +209,14 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _reset_compiled(model: nn.Module) -> None:
-    """Forget transformers' compiled forward and dynamo's caches so the next variant compiles afresh."""
-    if hasattr(model, "_compiled_call"):
-        del model._compiled_call
-    torch._dynamo.reset()
-
-
 def run_variant(model: nn.Module, cfg: SimpleNamespace, device: torch.device, prompt_len: int) -> dict[str, Any]:
-    """Measure one variant; when compiled decode fails, record why and measure eager decode instead."""
-    _reset_compiled(model)
+    """Measure one variant (a compiler failure is a note inside the result); other failures are recorded."""
+    torch._dynamo.reset()  # each variant compiles afresh
     try:
         return {"latency": measure_latency(model, cfg, device, decode_prompt_len=prompt_len)}
     except Exception as err:  # noqa: BLE001 - a benchmark keeps going and writes the failure down
-        if not cfg.compile:
-            log.exception("variant failed")
-            return {"error": f"{type(err).__name__}: {err}"}
-        log.exception("compiled decode failed; measuring eager decode instead")
-        _reset_compiled(model)
-        eager = SimpleNamespace(**{**vars(cfg), "compile": False})
-        out = run_variant(model, eager, device, prompt_len)
-        out["compile_error"] = f"compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); decode is eager"
-        return out
+        log.exception("variant failed")
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="eager decode even on CUDA")
+    parser.add_argument("--no-compile", action="store_true", help="eager decode only (no static-cache compiled decode)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--no-matmuls", action="store_true", help="skip the per-Linear table (CUDA only anyway)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

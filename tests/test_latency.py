@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import statistics
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from prunelab.eval.latency import (
     measure_latency,
     semi_structured_weights,
     summarize,
+    time_calls,
 )
 
 
@@ -29,11 +31,11 @@ def model() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def _positive_finite(stats: dict, repeats: int) -> None:
-    assert stats["runs"] == repeats and len(stats["samples"]) == repeats
-    for key in ("median", "min", "max", "q1", "q3"):
+def _positive_finite(stats: dict) -> None:
+    assert stats["runs"] >= 1 and len(stats["samples"]) == stats["runs"]
+    for key in ("median", "min", "max"):
         assert math.isfinite(stats[key]) and stats[key] > 0, key
-    assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+    assert stats["min"] <= stats["median"] <= stats["max"] and stats["iqr"] >= 0
 
 
 def test_cpu_latency_has_separate_prefill_and_decode(model) -> None:
@@ -46,13 +48,18 @@ def test_cpu_latency_has_separate_prefill_and_decode(model) -> None:
     for length in (8, 16):
         entry = result["prefill"][str(length)]
         assert entry["tokens"] == 2 * length
-        _positive_finite(entry["seconds"], 3)
+        _positive_finite(entry["seconds"])
         assert entry["tokens_per_s"]["median"] == pytest.approx(2 * length / entry["seconds"]["median"])
     decode = result["decode"]
     assert decode["new_tokens"] == 4 and decode["prompt_len"] == 8 and decode["greedy"]
     assert decode["mode"] == "eager, dynamic KV cache" and not decode["compiled"]
-    _positive_finite(decode["ms_per_token"], 3)
-    _positive_finite(decode["prefill_ms_in_generate"], 3)
+    _positive_finite(decode["generate_ms"]["4"])
+    _positive_finite(decode["generate_ms"]["1"])
+    # one decode step = (generate 4 tokens - generate 1 token) / 3, sample by sample against the 1-token median
+    first = decode["generate_ms"]["1"]["median"]
+    assert decode["ms_per_token"]["samples"] == pytest.approx([(t - first) / 3 for t in decode["generate_ms"]["4"]["samples"]])
+    assert decode["ms_per_token"]["median"] == pytest.approx((decode["generate_ms"]["4"]["median"] - first) / 3)
+    assert result["decode_compiled"] is None
     assert result["kernels"]["used"] == "dense" and not result["kernels"]["requested"]
     assert result["notes"] == []
     assert model.training is False
@@ -60,14 +67,13 @@ def test_cpu_latency_has_separate_prefill_and_decode(model) -> None:
 
 def test_sparse_kernels_on_cpu_fall_back_loudly(model, caplog: pytest.LogCaptureFixture) -> None:
     before = {name: p for name, p in model.named_parameters()}
-    cfg = LatencyConfig(prefill_lengths=[8], decode_tokens=2, warmup=0, repeats=1, sparse_kernels=True, compile=True)
+    cfg = LatencyConfig(prefill_lengths=[8], decode_tokens=2, warmup=0, repeats=1, sparse_kernels=True)
     with caplog.at_level(logging.WARNING):
         result = measure_latency(model, cfg)
     kernels = result["kernels"]
     assert kernels["requested"] and kernels["used"] == "dense" and kernels["swapped"] == 0
     assert "CUDA" in kernels["reason"]
     assert any("fell back to dense kernels" in note for note in result["notes"])
-    assert any("compile=true needs CUDA" in note for note in result["notes"])
     assert "DENSE kernels are used" in caplog.text
     assert {name: p for name, p in model.named_parameters()} == before  # weights untouched
 
@@ -108,8 +114,23 @@ def test_two_four_check_matches_naive_loop() -> None:
 
 
 def test_summarize_matches_statistics() -> None:
-    stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert (stats["median"], stats["min"], stats["max"], stats["q1"], stats["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
+    samples = [4.0, 1.0, 3.0, 2.0, 5.0, 9.0]
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    stats = summarize(samples)
+    assert stats["median"] == pytest.approx(median) and stats["iqr"] == pytest.approx(q3 - q1)
+    assert (stats["min"], stats["max"], stats["runs"]) == (1.0, 9.0, 6)
+    assert summarize(samples, scale=1000.0)["median"] == pytest.approx(1000 * median)
+
+
+def test_time_calls_warms_up_then_times_with_torch_benchmark() -> None:
+    calls = []
+    measurement = time_calls(lambda: calls.append(sum(range(1000))), warmup=3, repeats=5)
+    assert isinstance(measurement, torch.utils.benchmark.Measurement)
+    assert len(measurement.times) >= 1 and all(t > 0 for t in measurement.times)
+    # the warm-up calls come first, then at least one call per timed sample
+    assert len(calls) >= 3 + len(measurement.times) * measurement.number_per_run
+    stats = summarize(measurement, scale=1000.0)
+    assert stats["median"] == pytest.approx(1000 * statistics.median(measurement.times))
 
 
 @pytest.mark.parametrize("field,value", [("decode_tokens", 1), ("repeats", 0), ("prefill_lengths", []),
@@ -142,4 +163,45 @@ def test_static_cache_compiled_decode_path_runs_on_cpu(model) -> None:
         torch._dynamo.reset()  # leave no compiled state to other tests
     assert result["compiled"] and result["mode"] == "compiled, static KV cache"
     assert result["warmup_runs"] == 2  # compilation gets untimed runs even when warmup=0
-    _positive_finite(result["ms_per_token"], 2)
+    _positive_finite(result["generate_ms"]["3"])
+
+
+def test_compile_true_adds_a_compiled_decode_next_to_the_eager_one(model, monkeypatch) -> None:
+    import transformers
+
+    from prunelab.eval import latency
+
+    def eager_backend(device):
+        config = transformers.CompileConfig(backend="eager", mode=None, fullgraph=True)
+        config._compile_all_devices = True
+        return config
+
+    monkeypatch.setattr(latency, "default_compile_config", eager_backend)
+    cfg = LatencyConfig(prefill_lengths=[8], decode_tokens=3, warmup=0, repeats=2, compile=True)
+    try:
+        result = measure_latency(model, cfg)
+    finally:
+        torch._dynamo.reset()
+    assert result["decode"]["mode"] == "eager, dynamic KV cache" and not result["decode"]["compiled"]
+    assert result["decode_compiled"]["mode"] == "compiled, static KV cache" and result["decode_compiled"]["compiled"]
+    assert not hasattr(model, "_compiled_call")  # later forwards stay eager
+    assert result["notes"] == []
+
+
+def test_a_compiler_failure_is_a_note_not_a_crash(model, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    from prunelab.eval import latency
+
+    real = latency.measure_decode
+
+    def failing(*args, compile: bool, **kwargs):
+        if compile:
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no C++ compiler found"), None)
+        return real(*args, compile=compile, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_decode", failing)
+    cfg = LatencyConfig(prefill_lengths=[8], decode_tokens=2, warmup=0, repeats=1, compile=True)
+    with caplog.at_level(logging.WARNING):
+        result = measure_latency(model, cfg)
+    assert result["decode_compiled"] is None and result["decode"]["ms_per_token"]["runs"] >= 1
+    assert any("compile=true failed on cpu" in note for note in result["notes"])
+    assert "compile=true failed" in caplog.text

@@ -146,6 +146,40 @@ def test_a_structured_run_shrinks_trains_saves_and_plain_transformers_reloads_it
     assert text.startswith("The") and len(text) > 3
 
 
+def test_prune_then_lora_recovery_is_one_command_on_a_shrunk_model(tmp_path, tiny_hf_dir, data_root, cache_dir):
+    """LLM-Pruner's recipe: remove heads for real, then LoRA on the smaller projections, merged."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=heads", "structure.score=taylor",
+                "structure.fraction=0.5", "structure.save=true", "finetune=lora", "finetune.seqlen=32",
+                "finetune.max_steps=2", "finetune.lr=0.01")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert metrics["structure"]["units_after"] == 2 * 2 and metrics["finetune"]["steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2  # one head per group
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (2 * 8, 32)
+    # merged: a plain Linear again, and the adapters changed the shrunk weights
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, _surgery_reference(tiny_hf_dir, tmp_path))
+
+
+def _surgery_reference(tiny_hf_dir, tmp_path):
+    """Layer 0's q_proj after the same head removal without any training (the removed heads from the record)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["structure"]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
+    kept = [h for h in range(4) if h not in record["removed"][0]]
+    assert len(kept) == 2
+    weight = dense.model.layers[0].self_attn.q_proj.weight.detach()
+    return torch.cat([weight[8 * h: 8 * (h + 1)] for h in kept])
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (["structure=neurons", "method=wanda"], "leave method=dense"),
     (["structure=layers", "structure.count=2"], "the model has 2 layers"),

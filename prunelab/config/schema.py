@@ -85,7 +85,7 @@ class LatencyConfig:
     decode_tokens: int = 32  # tokens generated per decode measurement
     warmup: int = 2
     repeats: int = 5
-    compile: bool = False  # CUDA: static KV cache + torch.compile for decode
+    compile: bool = False  # also decode with a static KV cache + torch.compile (inductor; CPU needs a C++ compiler)
     sparse_kernels: bool = False  # N:M models: swap weights to semi-structured sparse tensors (CUDA)
 
 

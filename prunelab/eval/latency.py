@@ -1,18 +1,23 @@
 """Inference latency: prefill throughput and per-token decode time, measured separately.
 
+The timing machinery is ``torch.utils.benchmark``: after the warm-up calls, ``Timer.blocked_autorange``
+times about ``repeats`` calls (the timer synchronizes the accelerator and runs with the process's thread
+count), and the Measurement's median and interquartile range are what we report.
+
 * Prefill: one forward over ``batch_size x length`` random token ids (a fresh KV cache is written, only the
   last position's logits are computed, as ``generate`` does), reported as tokens per second.
-* Decode: greedy ``generate`` of exactly ``decode_tokens`` new tokens (no early stop) after a prompt; a
-  logits processor stamps the time at which each token's logits are ready, so the prefill inside
-  ``generate`` (first stamp) is split from the decode steps (later stamps). On CUDA with ``compile=true``
-  the decode runs with ``cache_implementation="static"`` and transformers' compiled forward
-  (``torch.compile``, CompileConfig defaults: inductor, mode ``reduce-overhead``).
+* Decode: greedy ``generate`` of exactly ``decode_tokens`` new tokens (no early stop) and of exactly one
+  new token after the same prompt. The one-token call is the prefill plus ``generate``'s set-up, so the
+  difference divided by ``decode_tokens - 1`` is the time of one decode step:
+  ``ms/token = (t_generate(n) - median t_generate(1)) / (n - 1)`` for each sample of ``t_generate(n)``.
+  With ``compile=true`` the decode runs with ``cache_implementation="static"`` and transformers' compiled
+  forward (``torch.compile``; on CUDA CompileConfig's defaults, inductor with CUDA graphs, on a CPU inductor
+  without them). The result says whether it compiled.
 * ``sparse_kernels=true`` swaps every Linear weight that follows the 2:4 pattern to
   ``torch.sparse.to_sparse_semi_structured`` for the measurement (CUDA, fp16/bf16) and restores the dense
   weights afterwards. When that is impossible the result says so in ``kernels`` (and the log warns).
 
-Every timed region is bracketed by ``torch.cuda.synchronize(device)`` on CUDA. Token values do not
-change the cost of a dense or sparse forward, so inputs are random.
+Token values do not change the cost of a dense or sparse forward, so inputs are random.
 """
 
 from __future__ import annotations
@@ -21,15 +26,14 @@ import contextlib
 import inspect
 import logging
 import platform
-import statistics
-import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import transformers
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from torch.utils import benchmark
+from torch.utils.benchmark.utils.timer import timer as clock
 
 from prunelab.progress import progress
 
@@ -39,19 +43,38 @@ SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels on ``device`` (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, label: str = "",
+               description: str = "") -> benchmark.Measurement:
+    """``warmup`` untimed calls of ``fn`` (at least one), then ``Timer.blocked_autorange`` for about
+    ``repeats`` calls' worth of time.
+
+    The last untimed call's duration sets ``min_run_time = repeats x duration``, so the Measurement holds
+    about ``repeats`` samples (one call each unless calls are too short for the timer's resolution, then
+    blocks of calls). The timer synchronizes the accelerator and runs with the current
+    ``torch.get_num_threads()`` (its own default would be 1).
+    """
+    duration = 0.0
+    for _ in range(max(warmup, 1)):
+        start = clock()
+        fn()
+        duration = clock() - start
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label or "call", description=description or None,
+                            num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=repeats * duration)
 
 
-def summarize(samples: list[float]) -> dict[str, Any]:
-    """Median, min, max and quartiles (inclusive method) of timing samples."""
-    if not samples:
-        raise ValueError("no timing samples to summarize")
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "q1": q1, "q3": q3,
-            "runs": len(samples), "samples": list(samples)}
+def summarize(samples: "benchmark.Measurement | list[float]", scale: float = 1.0) -> dict[str, Any]:
+    """Median, interquartile range, min, max and the samples of a Measurement (or of a list of samples),
+    each multiplied by ``scale`` (1000: seconds to milliseconds)."""
+    if isinstance(samples, benchmark.Measurement):
+        measurement = samples
+    else:
+        if not samples:
+            raise ValueError("no timing samples to summarize")
+        measurement = benchmark.Measurement(1, list(samples), benchmark.utils.common.TaskSpec("samples", "pass"))
+    times = [scale * t for t in measurement.times]
+    return {"median": scale * measurement.median, "iqr": scale * measurement.iqr, "min": min(times),
+            "max": max(times), "runs": len(times), "samples": times}
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -164,19 +187,12 @@ def measure_prefill(model: nn.Module, length: int, batch_size: int, warmup: int,
     """Time ``repeats`` forwards over ``batch_size x length`` random tokens after ``warmup`` untimed ones."""
     kwargs = _forward_kwargs(model)
     ids = torch.randint(vocab_size, (batch_size, length), generator=generator).to(device)
-    for _ in range(warmup):
-        model(input_ids=ids, use_cache=True, **kwargs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=True, **kwargs)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    measurement = time_calls(lambda: model(input_ids=ids, use_cache=True, **kwargs), warmup, repeats,
+                             label="prefill", description=f"{batch_size}x{length}")
     tokens = batch_size * length
-    stats = summarize(seconds)
+    stats = summarize(measurement)
     entry = {
         "length": length,
         "tokens": tokens,
@@ -190,68 +206,52 @@ def measure_prefill(model: nn.Module, length: int, batch_size: int, warmup: int,
 
 
 # ------------------------------------------------------------------------------------------------ decode
-class _TokenClock(LogitsProcessor):
-    """Stamps the time at which each generated token's logits are ready (after a device sync)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
+def default_compile_config(device: torch.device) -> "transformers.CompileConfig":
+    """transformers' CompileConfig for ``device``: its defaults on CUDA; on a CPU inductor without CUDA
+    graphs (mode "default"), with the flag that lets transformers compile off accelerators."""
+    if device.type == "cuda":
+        return transformers.CompileConfig()
+    config = transformers.CompileConfig(mode="default")
+    config._compile_all_devices = True
+    return config
 
 
 @torch.no_grad()
 def measure_decode(model: nn.Module, prompt_len: int, new_tokens: int, batch_size: int, warmup: int, repeats: int,
                    device: torch.device, vocab_size: int, generator: torch.Generator, compile: bool,
                    compile_config: "transformers.CompileConfig | None" = None) -> dict[str, Any]:
-    """Greedy decode of exactly ``new_tokens`` tokens; ms per token from the 2nd to the last token.
+    """Greedy decode of exactly ``new_tokens`` tokens; ms per decode step from generate(n) - generate(1).
 
-    ``compile=True`` asks for a static KV cache and transformers' compiled forward; transformers compiles
-    only on accelerators unless ``compile_config._compile_all_devices`` is set (default config:
-    ``CompileConfig()``, inductor with mode reduce-overhead). The result says whether it compiled.
+    ``compile=True`` asks for a static KV cache and transformers' compiled forward
+    (``compile_config``; None = ``default_compile_config(device)``). The result says whether it compiled.
     """
     ids = torch.randint(vocab_size, (batch_size, prompt_len), generator=generator).to(device)
-    clock = _TokenClock(device)
-    gen_kwargs: dict[str, Any] = dict(
-        attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1, max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
-        disable_compile=not compile,
-    )
+    gen_kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                                      pad_token_id=0, disable_compile=not compile)
     if compile:
         # transformers keeps its compiled forward in `_compiled_call`; drop a stale one so that `compiled`
         # below reports what this measurement did (dynamo's guards decide whether anything recompiles)
         if hasattr(model, "_compiled_call"):
             del model._compiled_call
-        compile_config = compile_config or transformers.CompileConfig()
+        compile_config = compile_config or default_compile_config(device)
         gen_kwargs.update(cache_implementation="static", compile_config=compile_config)
     else:
         compile_config = None
         gen_kwargs.update(cache_implementation="dynamic")
 
-    def run() -> tuple[float, list[float]]:
-        clock.stamps.clear()
-        synchronize(device)
-        start = time.perf_counter()
-        out = model.generate(ids, **gen_kwargs)
-        synchronize(device)
-        if out.shape[1] != prompt_len + new_tokens or len(clock.stamps) != new_tokens:
-            raise RuntimeError(f"generate produced {out.shape[1] - prompt_len} tokens ({len(clock.stamps)} steps) "
-                               f"instead of {new_tokens}: early stop was not prevented")
-        return start, list(clock.stamps)
+    def generate(n: int) -> None:
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen_kwargs)
+        if out.shape[1] != prompt_len + n:
+            raise RuntimeError(f"generate produced {out.shape[1] - prompt_len} tokens instead of {n}: "
+                               "early stop was not prevented")
 
-    # compilation and CUDA-graph recording happen in the first calls: give them two untimed runs at least
+    # compilation (and CUDA-graph recording) happen in the first calls: give them two untimed runs at least
     warmup_runs = max(warmup, 2) if compile else warmup
-    for _ in range(warmup_runs):
-        run()
+    label = f"decode ({'static' if compile else 'dynamic'} cache)"
+    full = time_calls(lambda: generate(new_tokens), warmup_runs, repeats, label=label, description=f"{new_tokens} tokens")
+    first = time_calls(lambda: generate(1), warmup, repeats, label=label, description="1 token")
     compiled = compile and getattr(model, "_compiled_call", None) is not None
-    ms_per_token, prefill_ms = [], []
-    for _ in range(repeats):
-        start, stamps = run()
-        prefill_ms.append(1000 * (stamps[0] - start))
-        ms_per_token.append(1000 * (stamps[-1] - stamps[0]) / (new_tokens - 1))
+    per_token = [(t - first.median) / (new_tokens - 1) for t in full.times]
     return {
         "mode": f"{'compiled' if compiled else 'eager'}, {'static' if compile else 'dynamic'} KV cache",
         "cache": "static" if compile else "dynamic",
@@ -262,11 +262,32 @@ def measure_decode(model: nn.Module, prompt_len: int, new_tokens: int, batch_siz
         "batch_size": batch_size,
         "greedy": True,
         "warmup_runs": warmup_runs,
-        "ms_per_token": summarize(ms_per_token),
-        "prefill_ms_in_generate": summarize(prefill_ms),
-        "timing": "per token = (time of last token's logits - time of first token's logits) / (new_tokens - 1), "
-                  "device synchronized at each token",
+        "ms_per_token": summarize(per_token, scale=1000.0),
+        "generate_ms": {str(new_tokens): summarize(full, scale=1000.0), "1": summarize(first, scale=1000.0)},
+        "timing": f"per token = (time of generate({new_tokens}) - median time of generate(1)) / {new_tokens - 1}; "
+                  "torch.utils.benchmark.Timer.blocked_autorange",
     }
+
+
+def _compiled_decode(model: nn.Module, cfg: Any, prompt_len: int, device: torch.device, vocab_size: int,
+                     generator: torch.Generator, notes: list[str]) -> dict[str, Any] | None:
+    """The static-cache compiled decode, or None with a note when torch.compile cannot build it here."""
+    try:
+        decode = measure_decode(model, prompt_len, int(cfg.decode_tokens), int(cfg.batch_size), int(cfg.warmup),
+                                int(cfg.repeats), device, vocab_size, generator, compile=True)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        notes.append(f"compile=true failed on {device.type} ({str(err).splitlines()[0][:200]}): no compiled decode")
+        log.warning(notes[-1])
+        return None
+    finally:
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call  # later forwards (evaluation) stay eager
+    if not decode["compiled"]:
+        notes.append("compile=true but transformers did not compile the decode forward; decode_compiled is eager")
+        log.warning(notes[-1])
+    log.info("decode (%s): %.2f ms/token (median of %d)", decode["mode"], decode["ms_per_token"]["median"],
+             int(cfg.repeats))
+    return decode
 
 
 # ---------------------------------------------------------------------------------------------- top level
@@ -288,8 +309,10 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
 
     Returns:
         ``{"device", "dtype", "torch", "transformers", "batch_size", "warmup", "repeats", "inputs", "kernels",
-        "prefill": {str(length): {...}}, "decode": {...}, "notes": [...]}`` (seconds / tokens per second /
-        milliseconds per token as median, min, max, q1, q3 and the raw samples).
+        "prefill": {str(length): {...}}, "decode": {...}, "decode_compiled": {...} or None, "notes": [...]}``
+        (seconds / tokens per second / milliseconds per token as median, iqr, min, max and the samples).
+        ``decode`` is eager with a dynamic KV cache; ``decode_compiled`` (only with ``cfg.compile``) uses a
+        static KV cache and torch.compile.
 
     Raises:
         ValueError: a bad config value, or a model that is not on ``device``.
@@ -310,10 +333,6 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
     if max_pos and max(max(lengths), prompt_len + int(cfg.decode_tokens)) > max_pos:
         notes.append(f"some lengths exceed max_position_embeddings={max_pos}: timings are valid, outputs are not")
     compile = bool(cfg.compile)
-    if compile and device.type != "cuda":
-        notes.append(f"compile=true needs CUDA; device is {device.type}, so decode ran eager with a dynamic KV cache")
-        log.warning(notes[-1])
-        compile = False
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -327,14 +346,12 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
                 log.info("prefill %d x %d: %.1f tokens/s (median of %d)", int(cfg.batch_size), length,
                          prefill[str(length)]["tokens_per_s"]["median"], int(cfg.repeats))
             decode = measure_decode(model, prompt_len, int(cfg.decode_tokens), int(cfg.batch_size), int(cfg.warmup),
-                                    int(cfg.repeats), device, vocab_size, generator, compile)
-            if kernels["requested"] and kernels["used"] == "dense":
-                notes.append(f"sparse_kernels=true fell back to dense kernels: {kernels['reason']}")
-            if compile and not decode["compiled"]:
-                notes.append("compile=true but transformers did not compile the decode forward; timings are eager")
-                log.warning(notes[-1])
+                                    int(cfg.repeats), device, vocab_size, generator, compile=False)
             log.info("decode (%s): %.2f ms/token (median of %d)", decode["mode"], decode["ms_per_token"]["median"],
                      int(cfg.repeats))
+            decode_compiled = _compiled_decode(model, cfg, prompt_len, device, vocab_size, generator, notes) if compile else None
+            if kernels["requested"] and kernels["used"] == "dense":
+                notes.append(f"sparse_kernels=true fell back to dense kernels: {kernels['reason']}")
     finally:
         model.train(was_training)
     return {
@@ -349,5 +366,6 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
         "kernels": kernels,
         "prefill": prefill,
         "decode": decode,
+        "decode_compiled": decode_compiled,
         "notes": notes,
     }
