@@ -270,6 +270,62 @@ def test_heads_of_a_model_without_gqa_are_ranked_per_layer_with_their_k_and_v_ro
     assert model.model.decoder.layers[1].self_attn.num_heads == 3
 
 
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def test_heads_of_gpt2s_fused_projection_own_their_q_k_and_v_slices():
+    model = _gpt2()
+    attn = model.transformer.h[1].attn
+    fused = attn.c_attn.weight  # Conv1D: [in, out], outputs q | k | v, 4 heads of 8
+    scores = pipeline.unit_scores(model, "heads", "magnitude")
+    for head in range(4):
+        want = sum(fused[:, part * 32 + head * 8: part * 32 + (head + 1) * 8].pow(2).sum() for part in range(3))
+        want = (want + attn.c_proj.weight[head * 8:(head + 1) * 8, :].pow(2).sum()).sqrt()
+        assert scores[1][head].item() == pytest.approx(want.item(), rel=1e-5)
+    # Taylor: |w * dL/dw| over the same slices, with the gradient of the loss on the calibration windows
+    calib = _calib()
+    grads = pipeline.taylor_gradients(model, calib)
+    model.zero_grad()
+    loss = sum(model(input_ids=w[None], labels=w[None]).loss for w in calib)
+    loss.backward()
+    taylor = pipeline.unit_scores(model, "heads", "taylor", grads=grads)
+    wg = (attn.c_attn.weight * attn.c_attn.weight.grad).abs()
+    og = (attn.c_proj.weight * attn.c_proj.weight.grad).abs()
+    for head in range(4):
+        want = sum(wg[:, part * 32 + head * 8: part * 32 + (head + 1) * 8].sum() for part in range(3))
+        want = want + og[head * 8:(head + 1) * 8, :].sum()
+        assert taylor[1][head].item() == pytest.approx(want.item(), rel=1e-4)
+    # Wanda-sp end to end: the lowest head of each layer goes, the model still runs
+    stats = pipeline.channel_stats(model, calib, "heads")
+    wanda = pipeline.unit_scores(model, "heads", "wanda", stats=stats)
+    plan = pipeline.plan_units(model, "heads", "wanda", 0.25, wanda)
+    assert plan.removed == [[int(torch.argmin(s))] for s in wanda]
+    # GPT-2 derives head_dim = n_embd / n_head, so 3 heads of 8 are no standard config: prunelab's loader
+    assert not pipeline.apply_plan(model, plan)
+    assert [w["heads"] for w in model.config.prunelab_widths] == [3, 3]
+    assert attn.c_attn.weight.shape == (32, 3 * 24) and attn.c_proj.weight.shape == (24, 32)
+    logits = model(input_ids=calib).logits
+    assert logits.shape == (4, 16, VOCAB)
+
+
+def test_gpt2_with_heads_removed_reloads_through_prunelabs_loader(tmp_path):
+    from prunelab.models.loading import load_shrunk
+
+    model = _gpt2()
+    calib = _calib()
+    scores = pipeline.unit_scores(model, "heads", "magnitude")
+    plan = pipeline.plan_units(model, "heads", "magnitude", 0.5, scores)
+    pipeline.apply_plan(model, plan)
+    model.save_pretrained(tmp_path)
+    reloaded = load_shrunk(tmp_path).eval()
+    assert reloaded.transformer.h[0].attn.c_attn.weight.shape == (32, 3 * 16)
+    assert torch.equal(reloaded(input_ids=calib).logits, model(input_ids=calib).logits)
+
+
 @pytest.mark.parametrize("make,kwargs,needle", [
     (_model, dict(unit="heads", fraction=0.5, allocation="global"), "grouped-query attention"),
     (_model, dict(unit="heads", fraction=0.2), "removes 0 of the 2"),

@@ -47,19 +47,22 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return PrunableModule(0, "", "", module).get_weight()
 
 
-def _projections(model: nn.Module, layer: int, unit: str) -> tuple[list[nn.Module], nn.Module, int]:
-    """(modules whose rows the units own, the output projection whose columns they own, channels per unit)."""
+def _projections(model: nn.Module, layer: int, unit: str) -> tuple[list[tuple[nn.Module, slice]], nn.Module, int]:
+    """(the modules whose output rows the units own, each with the slice of its rows that belongs to the
+    units; the output projection whose input columns they own; channels per unit)."""
     spec = surgery.unit_spec(model)
     block = get_adapter(model).layers[layer]
     get = block.get_submodule
+    everything = slice(None)
     if unit == "neurons":
-        return [get(name) for name in spec.mlp_in], get(spec.mlp_out), 1
-    if spec.qkv is not None:
-        raise ValueError("heads of GPT-2's fused c_attn are not scored yet; choose neurons or layers")
+        return [(get(name), everything) for name in spec.mlp_in], get(spec.mlp_out), 1
     heads, kv_heads, head_dim = surgery.attention_shape(model, layer)
+    if spec.qkv is not None:  # GPT-2: one projection whose rows are q | k | v, one k and v head per head
+        fused, width = get(spec.qkv), heads * head_dim
+        return [(fused, slice(i * width, (i + 1) * width)) for i in range(3)], get(spec.o), head_dim
     # without GQA a head takes its own k and v rows with it: they count in its score (LLM-Pruner's group)
     rows = [get(spec.q)] + ([get(spec.k), get(spec.v)] if heads == kv_heads else [])
-    return rows, get(spec.o), head_dim
+    return [(m, everything) for m in rows], get(spec.o), head_dim
 
 
 @torch.no_grad()
@@ -121,7 +124,7 @@ def unit_scores(model: nn.Module, unit: str, score: str, stats: list[InputStats]
     for layer in range(get_adapter(model).num_layers):
         rows, output_proj, width = _projections(model, layer, unit)
         if score == "magnitude":
-            out.append(magnitude.unit_scores([_weight(m) for m in rows], [_weight(output_proj)], width))
+            out.append(magnitude.unit_scores([_weight(m)[part] for m, part in rows], [_weight(output_proj)], width))
         elif score in ("wanda", "flap"):
             if stats is None:
                 raise ValueError(f"{score} scores need the calibration statistics (channel_stats)")
@@ -135,11 +138,12 @@ def unit_scores(model: nn.Module, unit: str, score: str, stats: list[InputStats]
             if grads is None:
                 raise ValueError("taylor scores need gradients (taylor_gradients)")
 
-            def pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            def pair(module: nn.Module, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
                 grad = grads[names[id(module)] + ".weight"]  # the parameter's layout: Conv1D's is [in, out]
-                return _weight(module), grad.t() if isinstance(module, Conv1D) else grad
+                grad = grad.t() if isinstance(module, Conv1D) else grad
+                return _weight(module)[part], grad[part]
 
-            out.append(taylor.unit_scores([pair(m) for m in rows], [pair(output_proj)], width))
+            out.append(taylor.unit_scores([pair(m, part) for m, part in rows], [pair(output_proj)], width))
     return out
 
 
@@ -197,7 +201,6 @@ def check_plan(model: nn.Module, unit: str, fraction: float, allocation: str = "
     if len(set(protect) & set(range(layers))) == layers:
         raise ValueError("structure.protect names every layer: nothing would be removed")
     if unit == "heads":
-        _projections(model, 0, unit)  # GPT-2's fused projection stops here
         n_heads, n_kv, _ = surgery.attention_shape(model, 0)
         if _gqa(model):
             if allocation == "global":
