@@ -155,7 +155,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
     """Run every enabled evaluation of the ``eval`` preset and return its metrics."""
     metrics: dict[str, Any] = {}
     ppl_cfg = cfg.eval.perplexity
-    seqlen = int(ppl_cfg.seqlen or model.config.max_position_embeddings)  # also the context for FLOPs/token
+    seqlen = steps.flops_context(cfg, model)  # the evaluation window, also the context for FLOPs/token
     if ppl_cfg.enabled:
         from prunelab.data.tokens import eval_stream
         from prunelab.eval.perplexity import perplexity

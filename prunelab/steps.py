@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config.schema import ConfigError
 from prunelab.data import sources
+from prunelab.eval.size import flops_per_token
 from prunelab.prune.pattern import Pattern
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ class StructureStep:
                 except ValueError as error:
                     raise ConfigError(str(error)) from None
         params_before = sum(p.numel() for p in model.parameters())
+        context = flops_context(self.cfg, model)
+        macs_before = flops_per_token(model, context)["total"] // 2
         widths_before = surgery.layer_widths(model)
         with self.timer("structure_scores"):
             if st.name == "layers":
@@ -235,11 +238,17 @@ class StructureStep:
                   "units_removed_fraction": 1 - units_after / units_before,
                   "params_before": params_before, "params_after": params_after,
                   "params_removed_fraction": 1 - params_after / params_before,
-                  "standard_config": standard, "widths": widths}
+                  "macs_per_token_before": macs_before, "macs_per_token_after": flops_per_token(model, context)["total"] // 2,
+                  "macs_context": context, "standard_config": standard, "widths": widths}
         log.info("removed %d of %d %s (%s): %.1f%% of the parameters; config %s", units_before - units_after,
                  units_before, plan.unit, plan.score, 100 * record["params_removed_fraction"],
                  "standard" if standard else "with per-layer widths (prunelab's loader)")
         return record
+
+
+def flops_context(cfg: DictConfig, model: torch.nn.Module) -> int:
+    """Keys attended by the token whose FLOPs are counted: the evaluation's window length."""
+    return int(cfg.eval.perplexity.seqlen or model.config.max_position_embeddings)
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> str:

@@ -135,6 +135,9 @@ def test_a_structured_run_shrinks_trains_saves_and_plain_transformers_reloads_it
     assert record["units_removed_fraction"] == 0.25 and record["standard_config"] is True
     # 16 neurons x (gate row + up row + down column) x hidden 32, in each of the 2 layers
     assert record["params_before"] - record["params_after"] == 2 * 16 * 3 * 32
+    # every removed parameter was one multiply-accumulate per token (attention is untouched by neurons)
+    assert record["macs_per_token_before"] - record["macs_per_token_after"] == 2 * 16 * 3 * 32
+    assert record["macs_context"] == 32
     assert metrics["finetune"]["steps"] == 2
     folder = tmp_path / "run" / "model"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()  # plain transformers, nothing else
