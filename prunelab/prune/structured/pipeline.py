@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prunelab.models import surgery
 from prunelab.models.adapters import PrunableModule, get_adapter
+from prunelab.progress import progress
 from prunelab.prune.stats import SQ_NORM, SUM, InputStats, collect_stats
 from prunelab.prune.structured import flap, magnitude, select, taylor, wanda_sp
 from prunelab.prune.structured.collect import layer_scores
@@ -100,7 +101,8 @@ def taylor_gradients(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
     scored = {f"{m.full_name}.weight" for m in get_adapter(model).iter_prunable()}
     sums: dict[str, torch.Tensor] = {}
     try:
-        for batch in calib_ids.split(batch_size):
+        batches = calib_ids.split(batch_size)
+        for batch in progress(batches, desc="taylor gradients", unit="batch", total=len(batches)):
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
             for name, param in model.named_parameters():  # only the layers' weights, summed in float32
