@@ -177,12 +177,15 @@ def table() -> str:
         lines.append(f"| {label} | {units} | {t['params'] / 1e6:.1f}M | {removed} | {t['macs_per_token'] / 1e6:.1f}M | "
                      f"{ppl:.2f} | {prefill:,.0f} | {eager:.2f} | {compiled_text} | {speed_text} | x{mac_ratio:.2f} | "
                      f"{command} |")
-        if st and st.get("standard_config"):
-            best = max(speed_eager, speed_compiled or 0.0)
-            checks.append((label, best, mac_ratio, best >= 0.8 * mac_ratio))
-    lines += ["", "Decode speed-up against the MAC arithmetic (uniform shapes; the better of eager and compiled):", "",
-              "| removed | decode speed-up | MACs dense / pruned | speed-up >= 0.8 x MAC ratio |", "|---|---|---|---|"]
-    lines += [f"| {label} | x{best:.2f} | x{ratio:.2f} | {'yes' if ok else 'no'} |" for label, best, ratio, ok in checks]
+        if st and st.get("standard_config"):  # compiled decode (less Python overhead per token) where measured
+            speed = speed_compiled or speed_eager
+            checks.append((label, speed, mac_ratio, speed >= 0.8 * mac_ratio))
+    lines += ["", "Decode speed-up against the MAC arithmetic (uniform shapes; compiled static-cache decode, eager "
+              "where none was measured):", "",
+              "| removed | decode speed-up | MACs dense / pruned | 0.8 x MAC ratio | speed-up >= 0.8 x MAC ratio |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {label} | x{speed:.2f} | x{ratio:.2f} | x{0.8 * ratio:.2f} | {'yes' if ok else 'no'} |"
+              for label, speed, ratio, ok in checks]
     return "\n".join(lines) + "\n"
 
 
