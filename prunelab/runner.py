@@ -22,7 +22,8 @@ from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import steps
-from prunelab.config.schema import ConfigError, validate, validate_for_model
+from prunelab.config.schema import ConfigError, PrunelabConfig, validate, validate_for_model
+from prunelab.config.typed import run_config
 from prunelab.data import sources
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.models.loading import gguf_path
@@ -94,9 +95,11 @@ def available_memory(device: str) -> int | None:
 
 @dataclass
 class Checked:
-    """What preflight established: the parsed pattern, the method (None for dense), the model's shapes
-    (None when its config is not readable before loading) and warnings about unusual settings."""
+    """What preflight established: the run's typed config, the parsed pattern, the method (None for
+    dense), the model's shapes (None when its config is not readable before loading) and warnings
+    about unusual settings."""
 
+    conf: PrunelabConfig
     pattern: Pattern
     method: Any
     facts: ModelFacts | None
@@ -104,46 +107,50 @@ class Checked:
 
 
 def preflight(cfg: DictConfig) -> Checked:
-    """All checks that need no model weights: values, method params, data, folders, model shapes."""
+    """All checks that need no model weights: values, method params, data, folders, model shapes.
+
+    The keys and values are checked on the composed DictConfig; everything after that reads the
+    typed config (``Checked.conf``) the rest of the run is given.
+    """
     absolute_paths(cfg)
     pattern = validate(cfg)
+    conf = run_config(cfg)
     method = None
-    if cfg.method.name != "dense":
+    if conf.method.name != "dense":
         from prunelab.prune.methods import build_method
 
         try:
-            method = build_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))
+            method = build_method(conf.method.name, dict(conf.method.params))
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from None
         if steps.needs_calibration(method):
-            sources.check_available(cfg.calib.source, cfg.data_root, purpose="calib")
-    if cfg.eval.perplexity.enabled:
-        for name in cfg.eval.perplexity.datasets:
-            sources.check_available(name, cfg.data_root)
-    if cfg.eval.zeroshot.enabled:
+            sources.check_available(conf.calib.source, conf.data_root, purpose="calib")
+    if conf.eval.perplexity.enabled:
+        for name in conf.eval.perplexity.datasets:
+            sources.check_available(name, conf.data_root)
+    if conf.eval.zeroshot.enabled:
         from prunelab.eval.tasks.local_data import OfflineDataError
         from prunelab.eval.zeroshot import ZeroShotError, check_zeroshot
 
         try:
-            check_zeroshot(OmegaConf.to_container(cfg.eval.zeroshot, resolve=True))
+            check_zeroshot(conf.eval.zeroshot)
         except ZeroShotError as error:
             raise ConfigError(str(error)) from error
         except OfflineDataError as error:
             raise sources.DataUnavailableError(str(error)) from error
-    check_writable(cfg.cache_dir, "cache_dir")
+    check_writable(conf.cache_dir, "cache_dir")
     warnings: list[str] = []
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    facts = read_model_facts(model_cfg, gguf_path(model_cfg) if cfg.model.source == "gguf_package" else None, cfg.cache_dir)
+    facts = read_model_facts(conf.model, gguf_path(conf.model) if conf.model.source == "gguf_package" else None, conf.cache_dir)
     if facts is not None:
-        warnings = validate_for_model(cfg, facts, available_memory(str(cfg.prune.device)), steps.needs_calibration(method))
-    elif cfg.allocation.name == "explicit":
+        warnings = validate_for_model(conf, facts, available_memory(str(conf.prune.device)), steps.needs_calibration(method))
+    elif conf.allocation.name == "explicit":
         log.warning("the model's layer count is not known before loading: allocation.layers is checked after the load")
     for warning in warnings:
         log.warning("%s", warning)
-    return Checked(pattern, method, facts, warnings)
+    return Checked(conf, pattern, method, facts, warnings)
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: DictConfig | PrunelabConfig) -> str:
     if cfg.structure.name != "none":
         return f"{cfg.model.name}-{cfg.structure.name}-{cfg.structure.score}"
     if cfg.method.name == "dense":
@@ -151,7 +158,7 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.model.name}-{cfg.method.name}-{cfg.pattern if cfg.pattern != 'unstructured' else cfg.sparsity}-{cfg.allocation.name}"
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: torch.device, run_dir: Path, timer: Timer) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, device: torch.device, run_dir: Path, timer: Timer) -> dict[str, Any]:
     """Run every enabled evaluation of the ``eval`` preset and return its metrics."""
     metrics: dict[str, Any] = {}
     ppl_cfg = cfg.eval.perplexity
@@ -169,9 +176,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, device: to
         from prunelab.eval.zeroshot import run_zeroshot
 
         with timer("zeroshot"):
-            zeroshot_cfg = OmegaConf.to_container(cfg.eval.zeroshot, resolve=True)
-            bootstrap_iters = zeroshot_cfg.pop("bootstrap_iters")
-            metrics["zeroshot"] = run_zeroshot(model, tokenizer, zeroshot_cfg, device, bootstrap_iters=bootstrap_iters)
+            metrics["zeroshot"] = run_zeroshot(model, tokenizer, cfg.eval.zeroshot, device,
+                                               bootstrap_iters=cfg.eval.zeroshot.bootstrap_iters)
     if cfg.eval.size.enabled:
         from prunelab.eval.size import measure_size
 
@@ -189,6 +195,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Execute one job in ``run_dir``; return the payload written to results.json.
 
     Any failure or interruption, from the first check on, leaves ``failed.json`` naming the phase.
+    ``cfg`` is the composed DictConfig; after preflight the run reads its typed form.
     """
     timer = Timer()
     payload: dict[str, Any] = {"run_dir": str(run_dir), "name": run_name(cfg)}
@@ -197,48 +204,49 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         with timer("preflight"):
             checked = preflight(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # the record, as composed
+        conf = checked.conf  # the typed config, from here on
         from prunelab.models.loading import load_model, model_provenance, resolve_device
 
         with timer("setup"):
-            resolved = OmegaConf.to_container(cfg, resolve=True)
             payload.update(config=resolved, versions=package_versions(), git=git_state())
             if checked.warnings:
                 payload["warnings"] = checked.warnings
-            store = checkpoint_store(cfg, resolved, checked, run_dir)
+            store = checkpoint_store(conf, resolved, checked, run_dir)
             saved = store.read_state() if store is not None else None
             if saved is not None:
                 payload["resumed_from"] = {"checkpoint": str(store.folder), "generation": saved["generation"],
                                            "saved": saved["saved"], "inside_training": saved["data"]["training"] is not None}
-            logger.start(run_dir, resolved, payload["name"], list(cfg.tags),
+            logger.start(run_dir, resolved, payload["name"], list(conf.tags),
                          resume=saved["data"]["job"]["logger"] if saved is not None else None)
-            random.seed(cfg.seed)
-            torch.manual_seed(cfg.seed)
-            device = resolve_device(str(cfg.device))
+            random.seed(conf.seed)
+            torch.manual_seed(conf.seed)
+            device = resolve_device(str(conf.device))
             payload["device"] = device_info(device)
         with timer("load"):
-            model, tokenizer = load_model(cfg.model, device, cfg.cache_dir)
+            model, tokenizer = load_model(conf.model, device, conf.cache_dir)
             payload["model_source"] = model_provenance(model)
             if checked.facts is None:  # the config was not readable before the load: check now
-                payload.setdefault("warnings", []).extend(validate_for_model(cfg, facts_of(model.config), None, False))
+                payload.setdefault("warnings", []).extend(validate_for_model(conf, facts_of(model.config), None, False))
         metrics: dict[str, Any] = {}
-        if cfg.structure.name != "none":
-            metrics["structure"] = steps.StructureStep(tokenizer, cfg, payload, timer, run_dir)(model)
+        if conf.structure.name != "none":
+            metrics["structure"] = steps.StructureStep(tokenizer, conf, payload, timer, run_dir)(model)
         if checked.method is not None:
-            model, scheduled = run_schedule(model, tokenizer, cfg, checked, payload, timer, logger, run_dir, device,
+            model, scheduled = run_schedule(model, tokenizer, conf, checked, payload, timer, logger, run_dir, device,
                                             store, resume=saved is not None)
             metrics.update(scheduled)
-        elif cfg.finetune.name != "none":
-            model, metrics["finetune"] = steps.FinetuneStep(tokenizer, cfg, logger.log_step, timer)(model, {})
-        if cfg.structure.name != "none" and cfg.structure.save:
+        elif conf.finetune.name != "none":
+            model, metrics["finetune"] = steps.FinetuneStep(tokenizer, conf, logger.log_step, timer)(model, {})
+        if conf.structure.name != "none" and conf.structure.save:
             with timer("save_model"):
                 metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
-        metrics.update(evaluate(model, tokenizer, cfg, device, run_dir, timer))
+        metrics.update(evaluate(model, tokenizer, conf, device, run_dir, timer))
         payload["metrics"] = metrics
         payload["timings"] = timer.seconds
-        if cfg.model.get("note"):
-            payload["note"] = cfg.model.note
+        if conf.model.note:
+            payload["note"] = conf.model.note
         write_results(run_dir, payload)
-        if store is not None and not cfg.checkpoint.keep:
+        if store is not None and not conf.checkpoint.keep:
             store.remove()
         logger.log_summary({"metrics": metrics, "timings": timer.seconds})
         exit_code = 0
@@ -251,7 +259,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
-def checkpoint_store(cfg: DictConfig, resolved: dict[str, Any], checked: Checked, run_dir: Path):
+def checkpoint_store(cfg: PrunelabConfig, resolved: dict[str, Any], checked: Checked, run_dir: Path):
     """The run folder's checkpoint store, when the run trains or prunes step by step (else None)."""
     if not cfg.checkpoint.enabled or checked.method is None:
         return None
@@ -262,7 +270,7 @@ def checkpoint_store(cfg: DictConfig, resolved: dict[str, Any], checked: Checked
     return CheckpointStore(run_dir / "checkpoint", fingerprint(resolved))
 
 
-def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checked: Checked, payload: dict[str, Any],
+def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, checked: Checked, payload: dict[str, Any],
                  timer: Timer, logger: WandbLogger, run_dir: Path, device: torch.device, store: Any = None,
                  resume: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Prune (and fine-tune) as ``cfg.schedule`` says; returns the model to evaluate and its metrics.
@@ -279,9 +287,8 @@ def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, checke
 
     job = RunJob(model, tokenizer, cfg, checked.method, checked.pattern, payload, timer, logger, run_dir,
                  store=store, resume=resume, checkpoint_every=cfg.checkpoint.every or 0, evaluate=evaluate_control)
-    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
     finetuning = cfg.finetune.name != "none"
-    schedule = drivers.run(cfg.schedule.name, job, schedule_cfg, float(cfg.sparsity), finetuning, int(cfg.seed))
+    schedule = drivers.run(cfg.schedule.name, job, cfg.schedule, float(cfg.sparsity), finetuning, int(cfg.seed))
     job.check_resumed()
     # the schedule's own last pruning (a lottery's oneshot control prunes after the last round)
     last = int(cfg.schedule.rounds) - 1 if cfg.schedule.name == "lottery" else -1

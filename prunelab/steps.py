@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-
-from prunelab.config.schema import ConfigError
+from prunelab.config.schema import ConfigError, PrunelabConfig
 from prunelab.data import sources
 from prunelab.eval.size import flops_per_token
 from prunelab.prune.pattern import Pattern
@@ -27,7 +25,7 @@ def needs_calibration(method: Any) -> bool:
     return bool(method is not None and method.needs)
 
 
-def calibration_windows(tokenizer: Any, cfg: DictConfig, payload: dict[str, Any], timer: Any) -> torch.Tensor:
+def calibration_windows(tokenizer: Any, cfg: PrunelabConfig, payload: dict[str, Any], timer: Any) -> torch.Tensor:
     """The run's calibration token windows (cached); what they are is recorded in ``payload["calibration"]``."""
     from prunelab.data.calibration import get_calibration
 
@@ -39,11 +37,10 @@ def calibration_windows(tokenizer: Any, cfg: DictConfig, payload: dict[str, Any]
 class PruneStep:
     """Prune the model in place to a sparsity, keeping earlier masks frozen; calibration fetched once."""
 
-    def __init__(self, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern, payload: dict[str, Any],
+    def __init__(self, tokenizer: Any, cfg: PrunelabConfig, method: Any, pattern: Pattern, payload: dict[str, Any],
                  timer: Any, run_dir: Path):
         self.tokenizer, self.cfg, self.method, self.pattern = tokenizer, cfg, method, pattern
         self.payload, self.timer, self.run_dir = payload, timer, run_dir
-        self.engine_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
         self.calib_ids: torch.Tensor | None = None
         self.checked = False
 
@@ -53,7 +50,7 @@ class PruneStep:
         if not self.checked:
             with self.timer("check_pattern"):
                 try:
-                    check_pattern_fits(model, self.pattern, self.engine_cfg["targets"], self.engine_cfg["skip"])
+                    check_pattern_fits(model, self.pattern, self.cfg.prune.targets, self.cfg.prune.skip)
                 except ValueError as error:  # the model's widths are known only once it is loaded
                     raise ConfigError(str(error)) from None
             self.checked = True
@@ -61,7 +58,7 @@ class PruneStep:
             self.calib_ids = calibration_windows(self.tokenizer, self.cfg, self.payload, self.timer)
         with self.timer("prune"):
             report = prune_model(model, self.method, self.calib_ids, float(sparsity), self.pattern,
-                                 OmegaConf.to_container(self.cfg.allocation, resolve=True), self.engine_cfg, frozen)
+                                 self.cfg.allocation, self.cfg.prune, frozen)
             if not report.summary.nm_ok:
                 raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
         if report.masks is not None:
@@ -72,7 +69,7 @@ class PruneStep:
         return report.to_dict()
 
 
-def target_masks(model: torch.nn.Module, cfg: DictConfig) -> dict[str, torch.Tensor]:
+def target_masks(model: torch.nn.Module, cfg: PrunelabConfig) -> dict[str, torch.Tensor]:
     """Keep-masks read off the weights of the modules ``prune.targets`` / ``prune.skip`` select."""
     from prunelab.io.masks import masks_from_model
 
@@ -87,9 +84,9 @@ class FinetuneStep:
     ``finetune.eval_every`` is set, are built on the first call and reused.
     """
 
-    def __init__(self, tokenizer: Any, cfg: DictConfig, on_step: Callable[[dict[str, Any]], None], timer: Any):
+    def __init__(self, tokenizer: Any, cfg: PrunelabConfig, on_step: Callable[[dict[str, Any]], None], timer: Any):
         self.tokenizer, self.cfg, self.on_step, self.timer = tokenizer, cfg, on_step, timer
-        self.ft = OmegaConf.to_container(cfg.finetune, resolve=True)
+        self.ft = cfg.finetune
         self.windows: torch.Tensor | None = None
         self.description = ""
         self._evaluate: Callable[..., dict[str, Any]] | None = None
@@ -102,12 +99,12 @@ class FinetuneStep:
             ft = self.ft
             with self.timer("finetune_data"):
                 documents, self.description = corpus_documents(ft, self.cfg.data_root)
-                count = budget_steps(ft) * int(ft["micro_batch"]) * int(ft["grad_accum"])
-                self.windows = pack_windows(documents, self.tokenizer, int(ft["seqlen"]), count, int(ft["seed"]))
+                count = budget_steps(ft) * ft.micro_batch * ft.grad_accum
+                self.windows = pack_windows(documents, self.tokenizer, ft.seqlen, count, ft.seed)
         return self.windows
 
     def _evaluator(self, model: torch.nn.Module) -> Callable[[], dict[str, Any]] | None:
-        if not self.ft.get("eval_every"):
+        if not self.ft.eval_every:
             return None
         if self._evaluate is None:
             self._evaluate = training_perplexity(model, self.tokenizer, self.cfg)
@@ -132,17 +129,17 @@ class FinetuneStep:
         ft = self.ft
         windows = self._data()
         with self.timer("finetune"):
-            trained = lora.wrap(model, ft["lora"]) if ft["name"] == "lora" else model
+            trained = lora.wrap(model, ft.lora) if ft.name == "lora" else model
             if resume_weights is not None:
                 from prunelab.io.checkpoint import load_weights
 
                 load_weights(trained, resume_weights)
                 resume_weights.clear()  # the caller's copy too: the weights now live in the model only
             on_checkpoint = (lambda progress: checkpoint(progress, trained)) if checkpoint is not None else None
-            result = train(trained, windows, ft, masks=None if ft["name"] == "lora" else masks,
+            result = train(trained, windows, ft, masks=None if ft.name == "lora" else masks,
                            on_step=self.on_step, evaluate=self._evaluator(trained), snapshot_step=snapshot_step,
                            resume=resume, checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
-            if ft["name"] == "lora":
+            if ft.name == "lora":
                 model = lora.merge(trained, masks)
         revived = revived_weights(model, masks)
         if revived:
@@ -158,7 +155,7 @@ def revived_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> i
     return sum(int((params[name].detach().cpu()[~mask] != 0).sum()) for name, mask in masks.items())
 
 
-def training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, windows: int | None = None):
+def training_perplexity(model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, windows: int | None = None):
     """A function returning the perplexity on the first ``windows`` (default ``finetune.eval_windows``)
     windows of the first evaluation dataset: the quick check inside trainings and schedules."""
     from prunelab.data.tokens import eval_stream
@@ -183,7 +180,7 @@ class StructureStep:
     units and of parameters removed, the per-layer widths, whether the config stays a standard one.
     """
 
-    def __init__(self, tokenizer: Any, cfg: DictConfig, payload: dict[str, Any], timer: Any, run_dir: Path):
+    def __init__(self, tokenizer: Any, cfg: PrunelabConfig, payload: dict[str, Any], timer: Any, run_dir: Path):
         self.tokenizer, self.cfg, self.payload, self.timer, self.run_dir = tokenizer, cfg, payload, timer, run_dir
 
     def _calibration(self) -> torch.Tensor:
@@ -197,7 +194,7 @@ class StructureStep:
 
         st = self.cfg.structure
 
-        compute = EngineSettings.from_mapping(OmegaConf.to_container(self.cfg.prune, resolve=True)).compute_device
+        compute = EngineSettings.of(self.cfg.prune).compute_device
         batch = int(self.cfg.prune.batch_size)
         if st.name != "layers":
             with self.timer("structure_check"):
@@ -246,7 +243,7 @@ class StructureStep:
         return record
 
 
-def flops_context(cfg: DictConfig, model: torch.nn.Module) -> int:
+def flops_context(cfg: PrunelabConfig, model: torch.nn.Module) -> int:
     """Keys attended by the token whose FLOPs are counted: the evaluation's window length."""
     return int(cfg.eval.perplexity.seqlen or model.config.max_position_embeddings)
 

@@ -341,7 +341,7 @@ def test_a_hub_id_without_a_hub_is_not_looked_up_before_the_load(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    assert read_model_facts({"source": "hf", "path": "meta-llama/Llama-2-7b-hf"}) is None
+    assert read_model_facts({"name": "llama-2-7b", "source": "hf", "path": "meta-llama/Llama-2-7b-hf"}) is None
     assert time.monotonic() - start < 5
 
 

@@ -128,6 +128,7 @@ def _job(tmp_path, tiny_hf_dir, data_root, *overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prunelab.cli import CONFIG_DIR
+    from prunelab.config.typed import run_config
     from prunelab.prune.methods import build_method
     from prunelab.prune.pattern import Pattern
     from prunelab.runner import Timer
@@ -141,8 +142,9 @@ def _job(tmp_path, tiny_hf_dir, data_root, *overrides):
                                            f"data_root={data_root}", f"cache_dir={tmp_path / 'cache'}", *overrides])
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
-    return RunJob(model, tokenizer, cfg, build_method("magnitude"), Pattern.parse("unstructured"), {}, Timer(),
-                  WandbLogger(cfg.logger), tmp_path / "run")
+    conf = run_config(cfg)  # what the runner hands the job
+    return RunJob(model, tokenizer, conf, build_method("magnitude"), Pattern.parse("unstructured"), {}, Timer(),
+                  WandbLogger(conf.logger), tmp_path / "run")
 
 
 def test_rewinding_restores_the_survivors_bit_for_bit_and_keeps_the_pruned_at_zero(tmp_path, tiny_hf_dir, data_root):

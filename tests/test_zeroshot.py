@@ -368,7 +368,7 @@ def test_schema_dataclass_is_accepted():
     from prunelab.eval.zeroshot import _settings
 
     settings = _settings(ZeroShotConfig(tasks=["arc_easy_offline", "arc_easy"], limit=3))
-    assert settings["tasks"] == ["arc_easy"] and settings["limit"] == 3 and settings["add_bos"] is False
+    assert settings.tasks == ["arc_easy"] and settings.limit == 3 and settings.add_bos is False
 
 
 # ---------------------------------------------------------------- real model

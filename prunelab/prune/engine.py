@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.config.schema import PruneEngineConfig
+from prunelab.config.schema import AllocationConfig, PruneEngineConfig
+from prunelab.config.typed import typed
 from prunelab.models.adapters import DecoderAdapter, PrunableModule, get_adapter, select_modules
 from prunelab.models.loading import ModelLoadError, resolve_device
 from prunelab.prune import allocation as alloc
@@ -85,13 +86,12 @@ class EngineSettings(PruneEngineConfig):
         self.compute_device = _compute_device(self.device)
 
     @classmethod
-    def from_mapping(cls, engine: Mapping[str, Any] | None) -> "EngineSettings":
-        """From the ``prune`` config block as a mapping (None = defaults); unknown keys are refused."""
-        engine = dict(engine or {})
-        unknown = sorted(set(engine) - set(ENGINE_KEYS))
-        if unknown:
-            raise ValueError(f"prune.{unknown[0]} is not an engine setting; known: {', '.join(ENGINE_KEYS)}")
-        return cls(**engine)
+    def of(cls, engine: PruneEngineConfig | Mapping[str, Any] | None) -> "EngineSettings":
+        """From the ``prune`` config block (typed, or a mapping of some of its fields; None = defaults)."""
+        if isinstance(engine, cls):
+            return engine
+        block = typed(PruneEngineConfig, engine, "prune", what="an engine setting")
+        return cls(**{name: getattr(block, name) for name in ENGINE_KEYS})
 
 
 def check_pattern_fits(
@@ -134,7 +134,7 @@ class LayerwisePruner:
         method: PruningMethod,
         sparsity: float,
         pattern: Pattern,
-        allocation: Mapping[str, Any],
+        allocation: AllocationConfig | Mapping[str, Any],
         settings: EngineSettings,
         frozen: Mapping[str, torch.Tensor] | None = None,
     ):
@@ -143,7 +143,7 @@ class LayerwisePruner:
         self.method = method
         self.pattern = pattern
         self.sparsity = pattern.sparsity if pattern.is_nm else alloc.check_sparsity(sparsity)
-        self.allocation = dict(allocation)
+        self.allocation = alloc.settings(allocation)
         self.settings = settings
         self.device = settings.compute_device
         self.adapter: DecoderAdapter = get_adapter(model)
@@ -329,8 +329,8 @@ def prune_model(
     calib_ids: torch.Tensor | None,
     sparsity: float,
     pattern: Pattern | str = "unstructured",
-    allocation: Mapping[str, Any] | None = None,
-    engine: Mapping[str, Any] | None = None,
+    allocation: AllocationConfig | Mapping[str, Any] | None = None,
+    engine: PruneEngineConfig | Mapping[str, Any] | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
@@ -342,10 +342,10 @@ def prune_model(
             need no statistics (magnitude, random).
         sparsity: run-level target in [0, 1) (N:M patterns fix it at N/M).
         pattern: ``unstructured`` or N:M.
-        allocation: the ``allocation`` config (``name``: uniform | owl | explicit, ``lam``, ``m``,
-            ``layers``); None = uniform.
-        engine: the ``prune`` config block (``sequential``, ``device``, ``targets``, ``skip``,
-            ``batch_size``, ``save_masks``); None = defaults.
+        allocation: the ``allocation`` block (``AllocationConfig``, or a mapping of its fields:
+            ``name``: uniform | owl | explicit, ``lam``, ``m``, ``layers``); None = uniform.
+        engine: the ``prune`` block (``PruneEngineConfig``, or a mapping of its fields: ``sequential``,
+            ``device``, ``targets``, ``skip``, ``batch_size``, ``save_masks``); None = defaults.
         frozen: keep-masks of an earlier pruning step (parameter name → bool, True = kept, in the
             parameter's layout as ``prunelab.io.masks`` stores them): what they prune stays pruned.
 
@@ -354,8 +354,8 @@ def prune_model(
         measured on the weights afterwards, timings (seconds per phase) and peak memory.
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
-    settings = EngineSettings.from_mapping(engine)
-    pruner = LayerwisePruner(model, method, sparsity, pattern, allocation or {"name": "uniform"}, settings, frozen)
+    settings = EngineSettings.of(engine)
+    pruner = LayerwisePruner(model, method, sparsity, pattern, alloc.settings(allocation), settings, frozen)
     report = pruner.run(calib_ids)
     log.info(
         "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",
@@ -366,14 +366,14 @@ def prune_model(
 
 @torch.no_grad()
 def layerwise_forward(
-    model: nn.Module, calib_ids: torch.Tensor, engine: Mapping[str, Any] | None = None
+    model: nn.Module, calib_ids: torch.Tensor, engine: PruneEngineConfig | Mapping[str, Any] | None = None
 ) -> list[torch.Tensor]:
     """The dense model run layer by layer like the engine does (capture, then one layer at a time).
 
     Returns the last decoder layer's outputs per batch (before the final norm). The reference
     cost the pruning benchmark divides by, and a check that capture + replay equals the model.
     """
-    settings = EngineSettings.from_mapping(engine)
+    settings = EngineSettings.of(engine)
     walk = LayerWalk(get_adapter(model), settings.compute_device)
     was_training = model.training
     model.eval()

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
+from prunelab.config.schema import ScheduleConfig
+from prunelab.config.typed import typed
 from prunelab.schedules import sequences
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class Job(Protocol):
         """What :meth:`keep` stored under ``group``, in this run or the one it resumes."""
 
 
-def run(name: str, job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool, seed: int = 0) -> dict[str, Any]:
+def run(name: str, job: Job, cfg: ScheduleConfig | Mapping[str, Any], sparsity: float, finetune: bool,
+        seed: int = 0) -> dict[str, Any]:
     """Run schedule ``name``; return ``{"name", "trajectory": [...], ...}`` for results.json."""
     if name == "oneshot":
         return oneshot(job, sparsity, finetune)
@@ -123,8 +126,9 @@ def oneshot(job: Job, sparsity: float, finetune: bool) -> dict[str, Any]:
     return result
 
 
-def iterative(job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool) -> dict[str, Any]:
-    targets = sequences.targets(str(cfg["rule"]), float(cfg["initial_sparsity"]), sparsity, int(cfg["steps"]))
+def iterative(job: Job, cfg: ScheduleConfig | Mapping[str, Any], sparsity: float, finetune: bool) -> dict[str, Any]:
+    cfg = typed(ScheduleConfig, cfg, "schedule")
+    targets = sequences.targets(cfg.rule, float(cfg.initial_sparsity), sparsity, cfg.steps)
     state, masks = job.resume()
     state = state or {"done": 0, "pruned": False, "trajectory": [], "finetune": []}
     for step in range(state["done"] + 1, len(targets) + 1):
@@ -142,13 +146,14 @@ def iterative(job: Job, cfg: Mapping[str, Any], sparsity: float, finetune: bool)
         job.save(state, masks)
         log.info("iterative step %d/%d: target %.4f, achieved %.4f", step, len(targets), target,
                  state["trajectory"][-1]["achieved"])
-    return {"name": "iterative", "rule": cfg["rule"], "targets": targets, "trajectory": state["trajectory"],
+    return {"name": "iterative", "rule": cfg.rule, "targets": targets, "trajectory": state["trajectory"],
             "finetune": state["finetune"]}
 
 
-def lottery(job: Job, cfg: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+def lottery(job: Job, cfg: ScheduleConfig | Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
     """IMP with rewinding, then the ``controls``; the model ends as the ticket (trained)."""
-    rate, rounds, rewind_step = float(cfg["rate"]), int(cfg["rounds"]), int(cfg["rewind_step"])
+    cfg = typed(ScheduleConfig, cfg, "schedule")
+    rate, rounds, rewind_step = float(cfg.rate), cfg.rounds, cfg.rewind_step
     targets = sequences.lottery(rate, rounds)
     state, masks = job.resume()
     state = state or {"round": 0, "trajectory": [], "finetune": [], "ticket": None, "controls": {}}
@@ -178,7 +183,7 @@ def lottery(job: Job, cfg: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
         state["finetune"].append(job.finetune(masks, stage="ticket"))
         state["ticket"] = _point(job, round=rounds, target=targets[-1], branch="ticket")
         job.save(state, masks)
-    branches = list(cfg.get("controls") or [])
+    branches = list(cfg.controls)
     ticket = job.kept("ticket")
     if ticket is None and any(b not in state["controls"] for b in branches):
         ticket = job.weights()

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
 
 from prunelab import steps
+from prunelab.config.schema import PrunelabConfig
 from prunelab.io.checkpoint import (Checkpoint, CheckpointError, CheckpointStore, load_weights, optimizer_from_tensors,
                                     optimizer_to_tensors, parameters, rng_state, set_rng_state)
 from prunelab.io.masks import apply_masks
@@ -34,7 +34,7 @@ class RunJob:
     tensors, and it lets go of them as soon as they are in the model.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: DictConfig, method: Any, pattern: Pattern,
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, method: Any, pattern: Pattern,
                  payload: dict[str, Any], timer: Any, logger: WandbLogger, run_dir: Path,
                  store: CheckpointStore | None = None, resume: bool = False, checkpoint_every: int = 0,
                  evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None):

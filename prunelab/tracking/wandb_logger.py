@@ -6,6 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from prunelab.config.schema import LoggerConfig
+from prunelab.config.typed import typed
+
 log = logging.getLogger(__name__)
 
 
@@ -24,14 +27,14 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class WandbLogger:
     """Thin wrapper: ``start`` → ``log_summary`` → ``finish`` (always call finish, e.g. in finally)."""
 
-    def __init__(self, logger_cfg: Mapping[str, Any]):
-        self.cfg = dict(logger_cfg)
+    def __init__(self, logger_cfg: LoggerConfig | Mapping[str, Any]):
+        self.cfg = typed(LoggerConfig, logger_cfg, "logger")
         self.run = None
         self.step = 0  # W&B's step: one per logged row, increasing over every training of the run
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.get("name") == "wandb" and self.cfg.get("mode") != "disabled"
+        return self.cfg.name == "wandb" and self.cfg.mode != "disabled"
 
     @property
     def run_id(self) -> str | None:
@@ -51,10 +54,10 @@ class WandbLogger:
             self.step = int(resume.get("step") or 0)
 
         self.run = wandb.init(
-            project=self.cfg.get("project", "prunelab"),
-            entity=self.cfg.get("entity"),
-            group=self.cfg.get("group"),
-            mode=self.cfg.get("mode", "offline"),
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            group=self.cfg.group,
+            mode=self.cfg.mode,
             dir=str(run_dir),
             name=name,
             tags=list(tags),
@@ -62,7 +65,7 @@ class WandbLogger:
             reinit="finish_previous",
             **extra,
         )
-        log.info("W&B run %s (%s) in %s", self.run.id, self.cfg.get("mode"), run_dir / "wandb")
+        log.info("W&B run %s (%s) in %s", self.run.id, self.cfg.mode, run_dir / "wandb")
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         if self.run is None:

@@ -16,6 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from prunelab.config.schema import FinetuneConfig
+from prunelab.config.typed import typed
+
 log = logging.getLogger(__name__)
 
 KNOWN_CORPORA = ("c4", "files", "hub")
@@ -25,9 +28,10 @@ class TrainDataError(ValueError):
     """The fine-tuning corpus cannot provide what the settings ask for."""
 
 
-def corpus_documents(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> tuple[list[str], str]:
-    """``(documents, description)`` of the configured corpus."""
-    corpus = cfg["corpus"]
+def corpus_documents(cfg: FinetuneConfig | Mapping[str, Any], data_root: str | os.PathLike | None) -> tuple[list[str], str]:
+    """``(documents, description)`` of the configured corpus (the ``finetune`` block's corpus fields)."""
+    cfg = typed(FinetuneConfig, cfg, "finetune")
+    corpus = cfg.corpus
     if corpus == "c4":
         from prunelab.data.sources import c4_calibration
 
@@ -35,7 +39,7 @@ def corpus_documents(cfg: Mapping[str, Any], data_root: str | os.PathLike | None
         return source.documents, f"{source.description} ({source.origin})"
     if corpus == "files":
         documents: list[str] = []
-        for name in cfg["files"]:
+        for name in cfg.files:
             path = Path(name).expanduser()
             if path.suffix == ".parquet":
                 from prunelab.data.sources import _read_parquet_column
@@ -43,12 +47,12 @@ def corpus_documents(cfg: Mapping[str, Any], data_root: str | os.PathLike | None
                 documents.extend(_read_parquet_column(path))
             else:
                 documents.append(path.read_text())
-        return documents, f"{len(cfg['files'])} local file(s)"
+        return documents, f"{len(cfg.files)} local file(s)"
     if corpus == "hub":
         import datasets
 
-        data = datasets.load_dataset(cfg["hub_dataset"], cfg.get("hub_config"), split=cfg.get("hub_split", "train"))
-        return list(data["text"]), f"hub:{cfg['hub_dataset']}"
+        data = datasets.load_dataset(cfg.hub_dataset, cfg.hub_config, split=cfg.hub_split)
+        return list(data["text"]), f"hub:{cfg.hub_dataset}"
     raise TrainDataError(f"finetune.corpus={corpus!r} is not valid; allowed values: {', '.join(KNOWN_CORPORA)}")
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.config.schema import FinetuneConfig
+from prunelab.config.typed import typed
 from prunelab.progress import progress
 from prunelab.train.masks import MaskGuard
 
@@ -46,15 +48,16 @@ class TrainingProgress:
     snapshot: dict[str, torch.Tensor] | None = None  # weights_at_snapshot, once taken
 
 
-def budget_steps(cfg: Mapping[str, Any]) -> int:
+def budget_steps(cfg: FinetuneConfig | Mapping[str, Any]) -> int:
     """Optimizer steps the budget allows: ``max_steps``, or ``max_tokens`` over the tokens of one step."""
-    if cfg.get("max_steps"):
-        return int(cfg["max_steps"])
-    per_step = int(cfg["seqlen"]) * int(cfg["micro_batch"]) * int(cfg["grad_accum"])
-    return max(1, math.ceil(int(cfg["max_tokens"]) / per_step))
+    cfg = typed(FinetuneConfig, cfg, "finetune")
+    if cfg.max_steps:
+        return int(cfg.max_steps)
+    per_step = cfg.seqlen * cfg.micro_batch * cfg.grad_accum
+    return max(1, math.ceil(int(cfg.max_tokens) / per_step))
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: FinetuneConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, torch's fused kernel where it exists.
 
     The fused kernel matters for masked training: the default per-tensor AdamW takes the square root
@@ -62,7 +65,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: Mapping[str, Any]) -> torch.
     about twice as slow as of other values (experiments/bench_finetune.py); fused AdamW is ~10x faster
     overall and has no such penalty. The arithmetic is AdamW's either way.
     """
-    kwargs = dict(lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    cfg = typed(FinetuneConfig, cfg, "finetune")
+    kwargs = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # a device or dtype the fused kernel does not take
@@ -79,7 +83,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def train(
     model: nn.Module,
     windows: torch.Tensor,
-    cfg: Mapping[str, Any],
+    cfg: FinetuneConfig | Mapping[str, Any],
     masks: Mapping[str, torch.Tensor] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     evaluate: Callable[[], dict[str, Any]] | None = None,
@@ -91,7 +95,7 @@ def train(
     """Train ``model`` in place on ``windows`` (``[N, seqlen]`` token ids) for the configured budget.
 
     Args:
-        cfg: the ``finetune`` node (lr, weight_decay, warmup_steps, scheduler, micro_batch, grad_accum,
+        cfg: the ``finetune`` block (``FinetuneConfig`` or a mapping of its fields: lr, weight_decay, warmup_steps, scheduler, micro_batch, grad_accum,
             max_steps / max_tokens, max_grad_norm, bf16, gradient_checkpointing, seed, eval_every).
         masks: keep-masks (parameter name → bool); their pruned entries stay exactly zero.
         on_step: called after every optimizer step with that step's record (W&B streaming).
@@ -105,19 +109,20 @@ def train(
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_s", "history": [per-step records], "evals": [...]}``.
     """
+    cfg = typed(FinetuneConfig, cfg, "finetune")
     steps = budget_steps(cfg)
-    micro, accum = int(cfg["micro_batch"]), int(cfg["grad_accum"])
+    micro, accum = cfg.micro_batch, cfg.grad_accum
     device = next(model.parameters()).device
-    torch.manual_seed(int(cfg["seed"]))  # dropout, LoRA's initialisation
+    torch.manual_seed(cfg.seed)  # dropout, LoRA's initialisation
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(str(cfg["scheduler"]), optimizer, num_warmup_steps=int(cfg["warmup_steps"]),
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps)
-    if cfg.get("gradient_checkpointing"):
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    eval_every = int(cfg.get("eval_every") or 0)
+    eval_every = int(cfg.eval_every or 0)
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     guard = MaskGuard(model, masks or {})
@@ -144,13 +149,13 @@ def train(
                     # longer training see exactly what a k-step training sees
                     first = (step * accum + micro_index) * micro
                     batch = windows[torch.arange(first, first + micro) % windows.shape[0]].to(device)
-                    with _autocast(device, bool(cfg.get("bf16", True))):
+                    with _autocast(device, cfg.bf16):
                         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                     (loss / accum).backward()
                     loss_sum += float(loss.detach())
                     tokens += batch.numel()
                 guard.mask_gradients()  # before clipping: pruned entries neither count nor move
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float(cfg["max_grad_norm"])))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float(cfg.max_grad_norm)))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -175,7 +180,7 @@ def train(
                                                 snapshot))
     finally:
         model.eval()
-        if cfg.get("gradient_checkpointing"):
+        if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
     seconds = time.perf_counter() - start
     if evaluate is not None and eval_every:

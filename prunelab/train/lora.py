@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.config.schema import LoraConfig as LoraSettings  # peft has a LoraConfig of its own
+from prunelab.config.typed import typed
+
 
 def unknown_targets(targets: Sequence[str], linear_names: Iterable[str]) -> list[str]:
     """Targets that match no Linear module name (peft matches a target against a name's last parts)."""
@@ -19,12 +22,16 @@ def unknown_targets(targets: Sequence[str], linear_names: Iterable[str]) -> list
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def wrap(model: nn.Module, lora_cfg: Mapping[str, Any]) -> nn.Module:
-    """``model`` with LoRA adapters on ``lora_cfg["targets"]`` (base weights frozen)."""
+def wrap(model: nn.Module, lora_cfg: LoraSettings | Mapping[str, Any]) -> nn.Module:
+    """``model`` with LoRA adapters on ``lora_cfg.targets`` (base weights frozen).
+
+    ``lora_cfg``: the ``finetune.lora`` block (``prunelab.config.schema.LoraConfig`` or a mapping of its fields).
+    """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=int(lora_cfg["r"]), lora_alpha=float(lora_cfg["alpha"]),
-                        lora_dropout=float(lora_cfg["dropout"]), target_modules=list(lora_cfg["targets"]),
+    lora_cfg = typed(LoraSettings, lora_cfg, "finetune.lora")
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=float(lora_cfg.alpha),
+                        lora_dropout=float(lora_cfg.dropout), target_modules=list(lora_cfg.targets),
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
