@@ -40,15 +40,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataUnavailableError, ModelLoadError, CalibrationError, CheckpointError)
 
 
-def optimized_value(payload: dict) -> float | None:
-    """The first perplexity of the run (what a Hydra sweeper optimises)."""
-    perplexities = payload.get("metrics", {}).get("perplexity", {})
-    return next(iter(perplexities.values()))["ppl"] if perplexities else None
+def failed_value(cfg: DictConfig) -> float | list[float]:
+    """What a failed job returns to the sweeper: NaN for each objective ``optimized_metric`` names."""
+    value = cfg.get("optimized_metric")
+    return [math.nan] * len(value) if value is not None and not isinstance(value, str) else math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Run one job; returns the first perplexity (so sweepers can optimise it)."""
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Run one job; returns the value of ``optimized_metric`` (so sweepers can optimise it)."""
     from prunelab.runner import run
 
     hydra_cfg = HydraConfig.get()
@@ -63,11 +63,11 @@ def main(cfg: DictConfig) -> float | None:
     except user_errors() as error:
         log.error("%s", error)
         if multirun:  # the other jobs of the sweep still run; SweepSummary names this one at the end
-            return math.nan
+            return failed_value(cfg)
         sys.exit(2)
     except Exception:
         if not multirun:
             raise
         log.exception("job %s failed (failed.json in %s); the sweep goes on", hydra_cfg.job.num, run_dir)
-        return math.nan
-    return optimized_value(payload)
+        return failed_value(cfg)
+    return payload["objective"]["value"]

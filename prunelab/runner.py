@@ -28,6 +28,7 @@ from prunelab.data import sources
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
+from prunelab.tracking.objective import metric_paths, objective, summary_entries
 from prunelab.tracking.results import device_info, git_state, package_versions, write_failure, write_results
 from prunelab.tracking.wandb_logger import WandbLogger
 
@@ -242,6 +243,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
         metrics.update(evaluate(model, tokenizer, conf, device, run_dir, timer))
         payload["metrics"] = metrics
+        payload["objective"] = objective(metrics, metric_paths(conf))
         payload["timings"] = timer.seconds
         if conf.model.note:
             payload["note"] = conf.model.note
@@ -249,6 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if store is not None and not conf.checkpoint.keep:
             store.remove()
         logger.log_summary({"metrics": metrics, "timings": timer.seconds})
+        logger.log_summary(summary_entries(payload["objective"]))
         exit_code = 0
         return payload
     except BaseException as error:

@@ -210,6 +210,7 @@ class PrunelabConfig:
     data_root: Optional[str] = None  # folder laid out like shared/data; default $PRUNELAB_DATA
     cache_dir: str = MISSING  # converted models and tokenized calibration
     tags: list[str] = field(default_factory=list)
+    optimized_metric: Optional[Any] = None  # dotted path(s) into results.json's metrics (prunelab.tracking.objective); null = first perplexity
     experiment: Optional[str] = None  # name of the experiment config, when one is used
 
 
@@ -356,6 +357,12 @@ def validate(cfg: DictConfig) -> Pattern:
     if cfg.checkpoint.every is not None:
         _positive(cfg.checkpoint.every, "checkpoint.every")
     validate_structure(cfg)
+    from prunelab.tracking.objective import check_paths
+
+    try:
+        check_paths(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_device(cfg.device, "device")
     _check_device(cfg.prune.device, "prune.device")
     _positive(cfg.prune.batch_size, "prune.batch_size")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,8 +34,14 @@ class WandbLogger:
         self.step = 0  # W&B's step: one per logged row, increasing over every training of the run
 
     @property
+    def mode(self) -> str:
+        """``logger.mode``, unless the environment sets ``WANDB_MODE`` (W&B's own switch, which wins as it
+        does for every W&B program: ``WANDB_MODE=offline`` runs a sweep spec's online command offline)."""
+        return os.environ.get("WANDB_MODE") or self.cfg.mode
+
+    @property
     def enabled(self) -> bool:
-        return self.cfg.name == "wandb" and self.cfg.mode != "disabled"
+        return self.cfg.name == "wandb" and self.mode != "disabled"
 
     @property
     def run_id(self) -> str | None:
@@ -53,11 +60,12 @@ class WandbLogger:
             extra = {"id": resume["id"], "resume": "allow"}
             self.step = int(resume.get("step") or 0)
 
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))  # a `wandb agent` job: the sweep's project and entity
         self.run = wandb.init(
-            project=self.cfg.project,
-            entity=self.cfg.entity,
+            project=None if in_sweep else self.cfg.project,
+            entity=None if in_sweep else self.cfg.entity,
             group=self.cfg.group,
-            mode=self.cfg.mode,
+            mode=self.mode,
             dir=str(run_dir),
             name=name,
             tags=list(tags),
@@ -65,7 +73,7 @@ class WandbLogger:
             reinit="finish_previous",
             **extra,
         )
-        log.info("W&B run %s (%s) in %s", self.run.id, self.cfg.mode, run_dir / "wandb")
+        log.info("W&B run %s (%s) in %s", self.run.id, self.mode, run_dir / "wandb")
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         if self.run is None:
