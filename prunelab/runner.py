@@ -29,7 +29,9 @@ from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.objective import metric_paths, objective, summary_entries
-from prunelab.tracking.results import device_info, git_state, package_versions, write_failure, write_results
+from prunelab.tracking.files import SKIPPED_FILE
+from prunelab.tracking.results import (completed_before, config_fingerprint, device_info, git_state, package_versions,
+                                        write_failure, write_results, write_skipped)
 from prunelab.tracking.wandb_logger import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             checked = preflight(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)  # the record, as composed
         conf = checked.conf  # the typed config, from here on
+        previous = None if conf.redo else completed_before(run_dir, config_fingerprint(resolved))
+        if previous is not None:  # a re-run of a finished job (a sweep run again): nothing to do
+            write_skipped(run_dir, config_fingerprint(resolved))
+            log.info("skipped: %s holds this config's complete results.json (redo=true runs it again)", run_dir)
+            previous["objective"] = objective(previous.get("metrics", {}), metric_paths(conf))
+            exit_code = 0
+            return previous
+        (Path(run_dir) / SKIPPED_FILE).unlink(missing_ok=True)
         from prunelab.models.loading import load_model, model_provenance, resolve_device
 
         with timer("setup"):
@@ -268,9 +278,9 @@ def checkpoint_store(cfg: PrunelabConfig, resolved: dict[str, Any], checked: Che
         return None
     if cfg.schedule.name == "oneshot" and cfg.finetune.name == "none":
         return None  # nothing a restart would save
-    from prunelab.io.checkpoint import CheckpointStore, fingerprint
+    from prunelab.io.checkpoint import CheckpointStore
 
-    return CheckpointStore(run_dir / "checkpoint", fingerprint(resolved))
+    return CheckpointStore(run_dir / "checkpoint", config_fingerprint(resolved))
 
 
 def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, checked: Checked, payload: dict[str, Any],

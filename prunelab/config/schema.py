@@ -210,6 +210,7 @@ class PrunelabConfig:
     data_root: Optional[str] = None  # folder laid out like shared/data; default $PRUNELAB_DATA
     cache_dir: str = MISSING  # converted models and tokenized calibration
     tags: list[str] = field(default_factory=list)
+    redo: bool = False  # run even when the run folder holds a complete results.json of the same config (else: skipped)
     optimized_metric: Optional[Any] = None  # dotted path(s) into results.json's metrics (prunelab.tracking.objective); null = first perplexity
     experiment: Optional[str] = None  # name of the experiment config, when one is used
 

@@ -53,12 +53,6 @@ class Checkpoint:
     generation: int = 0
 
 
-def fingerprint(config: Mapping[str, Any], ignore: tuple[str, ...] = ("checkpoint", "logger", "tags")) -> str:
-    """sha256 of the resolved configuration without the keys that do not change the numbers."""
-    kept = {key: value for key, value in config.items() if key not in ignore}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

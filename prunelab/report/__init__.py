@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.tracking.files import COMPLETE, FAILED_FILE, RESULTS_FILE, SKIPPED_FILE
 from prunelab.report.grid import GridCheck, check_grids, read_overrides, relative_name
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-FAILED_FILE = "failed.json"
-COMPLETE = "complete"
 
 
 @dataclass
@@ -35,6 +33,7 @@ class Run:
 
     name: str  # folder relative to the sweep folder
     results: dict[str, Any]
+    skipped: bool = False  # the last invocation found these results complete and ran nothing (skipped.json)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -189,7 +188,7 @@ def collect_runs(folder: str | os.PathLike, log_incomplete: bool = True) -> tupl
             else:
                 status = results.get("status") if isinstance(results, dict) else None
                 if status == COMPLETE:
-                    runs.append(Run(name=name, results=results))
+                    runs.append(Run(name=name, results=results, skipped=(run_dir / SKIPPED_FILE).is_file()))
                     continue
                 reason = f"status={status!r} in {RESULTS_FILE}"
                 if (run_dir / FAILED_FILE).is_file():
@@ -201,7 +200,9 @@ def collect_runs(folder: str | os.PathLike, log_incomplete: bool = True) -> tupl
         incomplete[run_dir] = IncompleteRun(name=name, reason=reason, overrides=read_overrides(run_dir))
     for item in incomplete.values() if log_incomplete else ():
         log.warning("incomplete run %s", item.describe())
-    log.info("%s: %d complete runs, %d incomplete", root, len(runs), len(incomplete))
+    skipped = sum(run.skipped for run in runs)
+    log.info("%s: %d complete runs (%d of them skipped by the last invocation: complete before), %d incomplete",
+             root, len(runs), skipped, len(incomplete))
     return runs, list(incomplete.values())
 
 
@@ -217,7 +218,8 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         plots: write PNG plots.
 
     Returns:
-        ``{"markdown", "latex", "plots": [...], "runs", "incomplete": [names], "never_launched": [PlannedJob]}``.
+        ``{"markdown", "latex", "plots": [...], "runs", "skipped": [names], "incomplete": [names],
+        "never_launched": [PlannedJob]}``.
     """
     from prunelab.report import tables as tab
 
@@ -247,11 +249,14 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         plot_files = plot.write_plots(runs, out_dir, datasets or None)
 
     md = [f"# Sweep report: `{root}`", "",
-          f"{len(runs)} complete runs, {len(incomplete)} incomplete, {len(grids.never_launched)} never launched.", ""]
+          f"{len(runs)} complete runs ({sum(r.skipped for r in runs)} skipped: complete before the last invocation), "
+          f"{len(incomplete)} incomplete, {len(grids.never_launched)} never launched.", ""]
     md += [tab.to_markdown(t) for t in tables] or ["_No complete run holds the requested metrics._\n"]
     md += ["## Incomplete runs", ""]
     md += [f"- `{item.name}` — {item.reason}" + (f" (`{' '.join(item.overrides)}`)" if item.overrides else "")
            for item in incomplete] or ["None."]
+    md += ["", "## Skipped (complete before the last invocation)", ""]
+    md += [f"- `{run.name}`" for run in runs if run.skipped] or ["None."]
     md += _never_launched_section(grids)
     if plot_files:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plot_files]
@@ -261,6 +266,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     latex_path.write_text("% needs \\usepackage{booktabs}\n" + "\n".join(tab.to_latex(t) for t in tables))
     log.info("wrote %s, %s and %d plots", markdown_path, latex_path, len(plot_files))
     return {"markdown": markdown_path, "latex": latex_path, "plots": plot_files, "runs": len(runs),
+            "skipped": [run.name for run in runs if run.skipped],
             "incomplete": [item.name for item in incomplete], "never_launched": grids.never_launched}
 
 

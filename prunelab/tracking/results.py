@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from prunelab.tracking.files import COMPLETE, FAILED_FILE, RESULTS_FILE, SKIPPED_FILE
+
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-FAILED_FILE = "failed.json"
 _PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "datasets", "safetensors", "wandb", "gguf")
 
 
@@ -90,12 +90,11 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
-    """Write the complete ``results.json`` (status "complete") and remove a stale failed.json."""
+    """Write the complete ``results.json`` (status "complete") and remove a stale failed.json / skipped.json."""
     path = Path(run_dir) / RESULTS_FILE
-    write_json_atomic(path, {"status": "complete", **payload})
-    stale = Path(run_dir) / FAILED_FILE
-    if stale.exists():
-        stale.unlink()
+    write_json_atomic(path, {"status": COMPLETE, **payload})
+    for name in (FAILED_FILE, SKIPPED_FILE):
+        (Path(run_dir) / name).unlink(missing_ok=True)
     log.info("wrote %s", path)
     return path
 
@@ -118,4 +117,54 @@ def write_failure(run_dir: Path, payload: dict[str, Any], error: BaseException, 
     record["traceback"] = traceback.format_exception(error)
     write_json_atomic(path, {**record, **payload})
     log.info("wrote %s (%s during %s)", path, record["status"], phase)
+    return path
+
+
+# keys of the resolved config that do not change a run's numbers
+FINGERPRINT_IGNORES = ("checkpoint", "logger", "tags", "redo", "optimized_metric")
+
+
+def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = FINGERPRINT_IGNORES) -> str:
+    """sha256 of the resolved configuration without the keys that do not change the numbers.
+
+    It keys a run's checkpoint (a resume continues only the same config) and decides whether a
+    complete results.json in the run folder already answers a re-run (``redo=false``).
+    """
+    import hashlib
+
+    kept = {key: value for key, value in config.items() if key not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def completed_before(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The folder's complete ``results.json`` when its config has ``fingerprint`` (else None).
+
+    The fingerprint of the earlier run is recomputed from the ``config`` its results.json records, so
+    results written before fingerprints existed are recognised too. An unreadable or incomplete file is
+    never trusted.
+    """
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s): the run goes ahead and replaces it", path, err)
+        return None
+    if not isinstance(previous, dict) or previous.get("status") != COMPLETE or not isinstance(previous.get("config"), dict):
+        return None
+    if config_fingerprint(previous["config"]) != fingerprint:
+        log.warning("%s holds the results of another config: this run replaces them", path)
+        return None
+    return previous
+
+
+def write_skipped(run_dir: Path, fingerprint: str) -> Path:
+    """Record that this invocation ran nothing because the folder's results.json is this config's."""
+    import datetime
+
+    path = Path(run_dir) / SKIPPED_FILE
+    write_json_atomic(path, {"status": "skipped", "config_fingerprint": fingerprint,
+                             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             "reason": f"{RESULTS_FILE} is complete for the same resolved config; redo=true runs it again"})
     return path
