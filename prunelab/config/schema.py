@@ -247,6 +247,9 @@ def register() -> None:
     node = OmegaConf.structured(PrunelabConfig)
     OmegaConf.set_struct(node.allocation.layers, False)
     ConfigStore.instance().store(name="prunelab_schema", node=node)
+    from prunelab.sweeper import register as register_sweeper
+
+    register_sweeper()  # hydra/sweeper=grids: the presets' union of grids
 
 
 # Fields whose values are free-form mappings: their keys are not checked against a schema.

@@ -249,8 +249,8 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         plot_files = plot.write_plots(runs, out_dir, datasets or None)
 
     md = [f"# Sweep report: `{root}`", "",
-          f"{len(runs)} complete runs ({sum(r.skipped for r in runs)} skipped: complete before the last invocation), "
-          f"{len(incomplete)} incomplete, {len(grids.never_launched)} never launched.", ""]
+          f"{len(runs)} complete runs, {len(incomplete)} incomplete, {len(grids.never_launched)} never launched. "
+          f"{sum(r.skipped for r in runs)} of the complete runs were skipped by the last invocation (complete before).", ""]
     md += [tab.to_markdown(t) for t in tables] or ["_No complete run holds the requested metrics._\n"]
     md += ["## Incomplete runs", ""]
     md += [f"- `{item.name}` — {item.reason}" + (f" (`{' '.join(item.overrides)}`)" if item.overrides else "")

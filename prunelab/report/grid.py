@@ -75,20 +75,17 @@ def expand_grid(task_overrides: list[str], params: dict[str, Any] | None = None)
 
     ``params`` are ``hydra.sweeper.params``; like the sweeper, they come before the command-line overrides.
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from prunelab.sweeper import expand
 
-    arguments = [f"{key}={value}" for key, value in (params or {}).items()] + [str(x) for x in task_overrides]
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    return expand([str(x) for x in task_overrides], params)
 
 
 def planned_jobs(multirun_yaml: Path) -> list[list[str]]:
     """The grid of the sweep whose ``multirun.yaml`` this is.
 
     Raises:
-        ValueError: when the file is unreadable, the sweeper is not Hydra's basic sweeper (its jobs are not
-            a fixed grid), or an override cannot be expanded without the app's config (``glob(...)``).
+        ValueError: when the file is unreadable, the sweeper is neither Hydra's basic sweeper nor prunelab's
+            grids sweeper (its jobs are not a fixed grid), or an override cannot be expanded without the app's config (``glob(...)``).
     """
     from omegaconf import OmegaConf
 
@@ -98,11 +95,14 @@ def planned_jobs(multirun_yaml: Path) -> list[list[str]]:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
     hydra = (config or {}).get("hydra") or {}
     sweeper = hydra.get("sweeper") or {}
-    if sweeper.get("_target_") != BASIC_SWEEPER:
+    from prunelab.sweeper import TARGET as GRIDS_SWEEPER
+    from prunelab.sweeper import expand
+
+    if sweeper.get("_target_") not in (BASIC_SWEEPER, GRIDS_SWEEPER):
         raise ValueError(f"sweeper {sweeper.get('_target_')!r} does not plan a fixed grid")
     task = (hydra.get("overrides") or {}).get("task") or []
     try:
-        return expand_grid(task, sweeper.get("params"))
+        return expand(task, sweeper.get("params"), sweeper.get("grids"))  # the basic sweeper has no grids
     except Exception as err:  # Hydra's parser raises several types; any of them means "unknown grid"
         raise ValueError(f"overrides {task} could not be expanded ({type(err).__name__}: {err})") from err
 
