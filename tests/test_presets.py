@@ -100,3 +100,17 @@ def test_a_grids_sweep_runs_the_union_in_order_and_the_report_finds_every_planne
     assert names[2].startswith("2_magnitude_0.6") and names[3].startswith("3_dense")  # dense at sparsity 0.3 is new
     report = build_report(sweep, plots=False)
     assert report["runs"] == 4 and report["never_launched"] == [] and report["incomplete"] == []
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_a_presets_own_values_win_over_the_main_config_and_the_command_line_over_both(preset):
+    import yaml
+
+    own = yaml.safe_load((REPO / "conf" / "experiment" / f"{preset}.yaml").read_text())
+    cfg = _compose(f"experiment={preset}", hydra=True)
+    for key, value in own.items():
+        if key in ("defaults", "hydra") or isinstance(value, dict):
+            continue
+        assert OmegaConf.to_container(cfg)[key] == value, key  # e.g. owl-table's sparsity 0.7, not the default 0.5
+    assert cfg.hydra.sweep.dir.startswith("multirun/") or preset == "cpu-budget"
+    assert _compose(f"experiment={preset}", "sparsity=0.65").sparsity == 0.65
