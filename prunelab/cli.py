@@ -43,7 +43,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def failed_value(cfg: DictConfig) -> float | list[float]:
     """What a failed job returns to the sweeper: NaN for each objective ``optimized_metric`` names."""
     value = cfg.get("optimized_metric")
-    return [math.nan] * len(value) if value is not None and not isinstance(value, str) else math.nan
+    several = value is not None and not isinstance(value, str) and len(value) > 1
+    return [math.nan] * len(value) if several else math.nan  # the shape a success returns (objective.objective)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

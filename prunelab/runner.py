@@ -30,7 +30,7 @@ from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.objective import metric_paths, objective, summary_entries
 from prunelab.tracking.files import SKIPPED_FILE
-from prunelab.tracking.results import (completed_before, config_fingerprint, device_info, git_state, package_versions,
+from prunelab.tracking.results import (ForeignResults, completed_before, config_fingerprint, device_info, git_state, package_versions,
                                         write_failure, write_results, write_skipped)
 from prunelab.tracking.wandb_logger import WandbLogger
 
@@ -209,10 +209,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             checked = preflight(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)  # the record, as composed
         conf = checked.conf  # the typed config, from here on
-        previous = None if conf.redo else completed_before(run_dir, config_fingerprint(resolved))
+        previous = completed_before(run_dir, config_fingerprint(resolved), replace=conf.redo)
         if previous is not None:  # a re-run of a finished job (a sweep run again): nothing to do
             write_skipped(run_dir, config_fingerprint(resolved))
             log.info("skipped: %s holds this config's complete results.json (redo=true runs it again)", run_dir)
+            earlier, now = (previous.get("git") or {}).get("sha"), git_state().get("sha")
+            if earlier != now:
+                log.warning("the skipped results were computed at commit %s, this checkout is %s; redo=true "
+                            "recomputes them", earlier, now)
             previous["objective"] = objective(previous.get("metrics", {}), metric_paths(conf))
             exit_code = 0
             return previous
@@ -264,6 +268,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.log_summary(summary_entries(payload["objective"]))
         exit_code = 0
         return payload
+    except ForeignResults as error:  # the folder is another run's: leave it exactly as it is
+        raise ConfigError(str(error)) from None
     except BaseException as error:
         payload["timings"] = timer.seconds
         write_failure(run_dir, payload, error, phase=timer.phase)

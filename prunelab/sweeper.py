@@ -25,7 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 log = logging.getLogger(__name__)
 
-TARGET = "hydra_plugins.prunelab_sweeper.grids.GridsSweeper"  # Hydra loads sweepers from hydra_plugins only
+TARGET = "hydra_plugins.prunelab_sweeper.grids.GridsSweeper"
+PLANNED_FILE = "planned_jobs.yaml"  # the sweep's jobs after duplicates of the same config were dropped  # Hydra loads sweepers from hydra_plugins only
 
 
 @dataclass

@@ -86,7 +86,8 @@ def test_a_grids_sweep_runs_the_union_in_order_and_the_report_finds_every_planne
     (extra / "tiny-table.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /hydra/sweeper: grids\nexperiment: tiny-table\n"
         "hydra:\n  sweeper:\n    grids:\n      - {method: dense}\n      - {method: magnitude, sparsity: '0.3,0.6'}\n"
-        "      - {method: 'dense,magnitude', sparsity: '0.3'}\n")  # repeats two jobs: each runs once
+        "      - {method: 'dense,magnitude', sparsity: '0.3'}\n"  # repeats magnitude at 0.3: runs once
+        "      - {method: magnitude, sparsity: '0.3', pattern: unstructured}\n")  # the same run, other words
     sweep = tmp_path / "sweep"
     env = dict(os.environ, PRUNELAB_DATA=str(data_root), PRUNELAB_CACHE=str(cache_dir), WANDB_SILENT="true")
     proc = subprocess.run([sys.executable, "-m", "prunelab", "-m", f"--config-dir={tmp_path / 'conf'}",
@@ -98,6 +99,8 @@ def test_a_grids_sweep_runs_the_union_in_order_and_the_report_finds_every_planne
     names = [p.name for p in jobs]
     assert len(names) == 4 and names[0].startswith("0_dense") and names[1].startswith("1_magnitude_0.3")
     assert names[2].startswith("2_magnitude_0.6") and names[3].startswith("3_dense")  # dense at sparsity 0.3 is new
+    planned = OmegaConf.to_container(OmegaConf.load(sweep / "planned_jobs.yaml"))
+    assert len(planned) == 4  # the sweeper composed each job and dropped the one equal to an earlier job
     report = build_report(sweep, plots=False)
     assert report["runs"] == 4 and report["never_launched"] == [] and report["incomplete"] == []
 

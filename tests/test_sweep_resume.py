@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from prunelab.cli import CONFIG_DIR
@@ -65,8 +66,10 @@ def _compose(tiny_hf_dir, data_root, cache, *overrides):
                                             f"data_root={data_root}", f"cache_dir={cache}", *overrides])
 
 
-def test_results_of_another_config_or_incomplete_ones_are_not_trusted(tmp_path, tiny_hf_dir, data_root):
+def test_results_of_another_config_are_never_replaced_and_incomplete_ones_never_trusted(tmp_path, tiny_hf_dir,
+                                                                                       data_root):
     from prunelab import runner
+    from prunelab.config.schema import ConfigError
 
     run_dir = tmp_path / "run"
     first = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.3"), run_dir)
@@ -76,10 +79,24 @@ def test_results_of_another_config_or_incomplete_ones_are_not_trusted(tmp_path, 
     assert (run_dir / "skipped.json").is_file() and _stamp(run_dir / "results.json") == stamp
     assert same["metrics"]["perplexity"]["wikitext2"]["ppl"] == first["metrics"]["perplexity"]["wikitext2"]["ppl"]
     assert same["objective"] == {"metric": "sparsity.overall", "value": first["metrics"]["sparsity"]["overall"]}
-    other = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.6"), run_dir)
+    with pytest.raises(ConfigError, match="holds the complete results of another config.*redo=true"):
+        runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.6"), run_dir)
+    assert _stamp(run_dir / "results.json") == stamp and not (run_dir / "failed.json").exists()  # untouched
+    other = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.6", "redo=true"), run_dir)
     assert not (run_dir / "skipped.json").exists() and other["config"]["sparsity"] == 0.6
     payload = json.loads((run_dir / "results.json").read_text())
     (run_dir / "results.json").write_text(json.dumps(dict(payload, status="running")))  # not complete
     rerun = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.6"), run_dir)
     assert not (run_dir / "skipped.json").exists() and json.loads((run_dir / "results.json").read_text())["status"] == "complete"
     assert rerun["metrics"]["sparsity"] == other["metrics"]["sparsity"]
+
+
+def test_the_fingerprint_reads_the_same_from_the_live_config_and_from_results_json():
+    from prunelab.tracking.results import config_fingerprint
+
+    config = {"allocation": {"name": "explicit", "layers": {"0-5": 0.3, 7: 0.5, 12: 0.6}}, "sparsity": 0.5,
+              "logger": {"mode": "online"}}
+    reread = json.loads(json.dumps(config))  # keys become strings, as in results.json
+    assert config_fingerprint(config) == config_fingerprint(reread)
+    assert config_fingerprint(config) == config_fingerprint(dict(config, logger={"mode": "offline"}, redo=True))
+    assert config_fingerprint(config) != config_fingerprint(dict(config, sparsity=0.6))

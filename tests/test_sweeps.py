@@ -74,11 +74,11 @@ def test_every_spec_renders_to_prunelab_commands_that_compose_and_validate(path)
             cfg = compose("config", overrides=overrides)
         validate(cfg)  # every key exists, every value is allowed, optimized_metric names a computed metric
         for key, value in assignment.items():  # the swept value arrived where the key says
+            if key in ("experiment", "logger", "method", "allocation") or key.startswith("hydra."):
+                continue  # group selections (the group's file decides the node) and Hydra's own settings
             node = cfg
             for part in key.split("."):
                 node = node[part] if part in node else None
-            if key in ("experiment", "logger", "method", "allocation"):
-                continue  # group selections: the group's own file decides the node's contents
             if isinstance(value, list):
                 assert list(node) == value, key
             else:
@@ -118,6 +118,7 @@ def _compose(*overrides: str):
         (["optimized_metric=zeroshot.mean_acc"], "computes no zeroshot metrics"),
         (["optimized_metric=accuracy"], "no metrics group 'accuracy'"),
         (["optimized_metric=sparsity.overall"], "computes no sparsity metrics"),  # a dense run prunes nothing
+        (["optimized_metric=1"], "must be a dotted path"),
     ],
 )
 def test_an_objective_the_run_does_not_compute_is_refused_before_loading(overrides, needle):

@@ -94,3 +94,9 @@ def test_the_runner_hands_the_library_typed_blocks(monkeypatch, tmp_path, tiny_h
                     "calib_cfg": schema.CalibConfig}
     assert payload["metrics"]["finetune"]["steps"] == 2
     assert torch.isfinite(torch.tensor(payload["metrics"]["perplexity"]["wikitext2"]["ppl"]))
+
+
+def test_a_block_of_the_composed_config_resolves_its_interpolations_against_that_config():
+    cfg = _compose("device=cpu", "model=hf", "model.path=some-org/some-model")
+    assert typed(schema.PruneEngineConfig, cfg.prune, "prune").device == "cpu"  # prune.device: ${device}
+    assert typed(schema.ModelConfig, cfg.model, "model").name == "some-org/some-model"  # name: ${model.path}

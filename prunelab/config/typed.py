@@ -41,6 +41,8 @@ def typed(cls: type[T], value: T | Mapping[str, Any] | DictConfig | None, key: s
     if unknown:
         raise ValueError(f"{key}.{unknown[0]} is not {what or f'a {key} setting'}; known: {', '.join(known)}")
     try:
+        if isinstance(value, DictConfig):  # interpolations resolve against the config it belongs to (${device})
+            value = OmegaConf.to_container(value, resolve=True)
         node = OmegaConf.merge(OmegaConf.structured(cls), value if value is not None else {})
         return OmegaConf.to_object(node)  # type: ignore[return-value]
     except OmegaConfBaseException as error:

@@ -95,12 +95,19 @@ def planned_jobs(multirun_yaml: Path) -> list[list[str]]:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
     hydra = (config or {}).get("hydra") or {}
     sweeper = hydra.get("sweeper") or {}
+    from prunelab.sweeper import PLANNED_FILE
     from prunelab.sweeper import TARGET as GRIDS_SWEEPER
     from prunelab.sweeper import expand
 
     if sweeper.get("_target_") not in (BASIC_SWEEPER, GRIDS_SWEEPER):
         raise ValueError(f"sweeper {sweeper.get('_target_')!r} does not plan a fixed grid")
     task = (hydra.get("overrides") or {}).get("task") or []
+    planned = multirun_yaml.parent / PLANNED_FILE  # the grids sweeper's own list (same-config duplicates dropped)
+    if sweeper.get("_target_") == GRIDS_SWEEPER and planned.is_file():
+        try:
+            return [[str(o) for o in job] for job in OmegaConf.to_container(OmegaConf.load(planned))]
+        except Exception as err:
+            raise ValueError(f"{planned} unreadable ({type(err).__name__}: {err})") from err
     try:
         return expand(task, sweeper.get("params"), sweeper.get("grids"))  # the basic sweeper has no grids
     except Exception as err:  # Hydra's parser raises several types; any of them means "unknown grid"

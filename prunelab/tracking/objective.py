@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import ListConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,8 @@ def check_paths(cfg: Any) -> list[str]:
     Returns the paths. Raises ValueError naming the path and what to set instead.
     """
     value = cfg.optimized_metric
-    if value is not None and not isinstance(value, str) and not all(isinstance(v, str) for v in value):
+    listed = isinstance(value, (list, tuple, ListConfig))
+    if value is not None and not isinstance(value, str) and not (listed and value and all(isinstance(v, str) for v in value)):
         raise ValueError(f"optimized_metric={value!r} must be a dotted path (perplexity.wikitext2.ppl) or a list of them")
     paths = metric_paths(cfg)
     groups = produced_groups(cfg)

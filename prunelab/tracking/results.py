@@ -133,16 +133,29 @@ def config_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = FINGERP
     import hashlib
 
     kept = {key: value for key, value in config.items() if key not in ignore}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    # as results.json stores it: mapping keys become strings (allocation.layers={0-5: 0.3, 7: 0.5} mixes
+    # them, which json cannot sort), then sorted, so the live config and a re-read one hash alike
+    stored = json.loads(json.dumps(kept, default=str))
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
 
 
-def completed_before(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+class ForeignResults(ValueError):
+    """The run folder holds the complete results of another config; nothing was run or written."""
+
+
+def completed_before(run_dir: Path, fingerprint: str, replace: bool = False) -> dict[str, Any] | None:
     """The folder's complete ``results.json`` when its config has ``fingerprint`` (else None).
 
     The fingerprint of the earlier run is recomputed from the ``config`` its results.json records, so
     results written before fingerprints existed are recognised too. An unreadable or incomplete file is
-    never trusted.
+    never trusted. With ``replace`` (``redo=true``) any earlier results are left to be replaced.
+
+    Raises:
+        ForeignResults: the folder holds complete results of another config (and not ``replace``): a run
+            never overwrites finished results it did not produce.
     """
+    if replace:
+        return None
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         return None
@@ -154,8 +167,8 @@ def completed_before(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     if not isinstance(previous, dict) or previous.get("status") != COMPLETE or not isinstance(previous.get("config"), dict):
         return None
     if config_fingerprint(previous["config"]) != fingerprint:
-        log.warning("%s holds the results of another config: this run replaces them", path)
-        return None
+        raise ForeignResults(f"{run_dir} holds the complete results of another config; run into another folder "
+                             f"(hydra.run.dir= / hydra.sweep.dir=) or set redo=true to replace them")
     return previous
 
 
