@@ -26,8 +26,8 @@ def summarize(sweep_dir: Path) -> list[str]:
     runs, incomplete = collect_runs(sweep_dir, log_incomplete=False)  # listed once, by SweepSummary
     total = len(runs) + len(incomplete)
     skipped = [run.name for run in runs if run.skipped]
-    log.info("sweep %s: %d jobs, %d complete (%d skipped: complete before, redo=true runs them again), %d not",
-             sweep_dir, total, len(runs), len(skipped), len(incomplete))
+    log.info("sweep %s: %d jobs, %d complete, %d not; %d skipped (complete before: redo=true runs them again)",
+             sweep_dir, total, len(runs), len(incomplete), len(skipped))
     return [item.describe() for item in incomplete]
 
 
