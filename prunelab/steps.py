@@ -58,7 +58,7 @@ class PruneStep:
             self.calib_ids = calibration_windows(self.tokenizer, self.cfg, self.payload, self.timer)
         with self.timer("prune"):
             report = prune_model(model, self.method, self.calib_ids, float(sparsity), self.pattern,
-                                 self.cfg.allocation, self.cfg.prune, frozen)
+                                 self.cfg.allocation, self.cfg.prune, frozen, cache_dir=self.cfg.cache_dir)
             if not report.summary.nm_ok:
                 raise RuntimeError(f"N:M check failed after pruning: {report.summary.nm_violations}")
         if report.masks is not None:

@@ -36,12 +36,13 @@ LayerReduce = Callable[[Sequence[torch.Tensor]], float]
 class ScorePass(Protocol):
     """One walk over the dense model that reduces each decoder layer's per-weight scores.
 
-    Called with the reduction, a timing phase and a progress label; returns one value per layer
-    (None where no module of the layer is targeted). The engine supplies it; scores come from
+    Called with the reduction, a timing phase, a progress label and a key naming the reduction with its
+    parameters (the engine may read a pass over the same weights and windows back from its cache);
+    returns one value per layer (None where no module of the layer is targeted). The engine supplies it; scores come from
     ``PruningMethod.outlier_scores``.
     """
 
-    def __call__(self, reduce: LayerReduce, phase: str, desc: str) -> list[float | None]: ...
+    def __call__(self, reduce: LayerReduce, phase: str, desc: str, key: str | None = None) -> list[float | None]: ...
 
 
 @dataclass
@@ -268,7 +269,8 @@ def owl_targets(
     """OWL over the layers with targeted modules; the others keep ``sparsity``."""
     allocation = settings(allocation)
     m = float(allocation.m)
-    ratios = score_pass(lambda scores: outlier_ratio(scores, m), phase="owl_prepass", desc="OWL outlier pre-pass")
+    ratios = score_pass(lambda scores: outlier_ratio(scores, m), phase="owl_prepass", desc="OWL outlier pre-pass",
+                        key=f"owl-outlier-ratio(m={m!r})")  # the reduction, named for the pre-pass cache
     log.info("OWL outlier ratios (m=%g): %s", m, ", ".join("-" if r is None else f"{r:.4f}" for r in ratios))
     pruned = [i for i, r in enumerate(ratios) if r is not None]  # layers with targets
     lam = float(allocation.lam)

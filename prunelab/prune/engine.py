@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,10 +44,12 @@ from torch import nn
 from prunelab.config.schema import AllocationConfig, PruneEngineConfig
 from prunelab.config.typed import typed
 from prunelab.models.adapters import DecoderAdapter, PrunableModule, get_adapter, select_modules
+from prunelab.data.tokens import ids_fingerprint
 from prunelab.models.loading import ModelLoadError, resolve_device
 from prunelab.prune import allocation as alloc
 from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
+from prunelab.prune.prepass_cache import PrepassCache, weights_digest
 from prunelab.prune.stats import collect_stats
 from prunelab.prune.summary import ModuleRecord, PruneReport, measure_sparsity
 from prunelab.prune.timing import PhaseTimer, sync
@@ -137,8 +141,12 @@ class LayerwisePruner:
         allocation: AllocationConfig | Mapping[str, Any],
         settings: EngineSettings,
         frozen: Mapping[str, torch.Tensor] | None = None,
+        prepass_cache: PrepassCache | None = None,
     ):
         self.model = model
+        self.prepass_cache = prepass_cache
+        self.prepass_record: dict[str, Any] | None = None  # what the cache said (results.json: pruning.prepass_cache)
+        self._calib_fingerprint: str | None = None
         self.frozen = dict(frozen or {})
         self.method = method
         self.pattern = pattern
@@ -168,13 +176,38 @@ class LayerwisePruner:
         return self.walk.forwards
 
     # ----------------------------------------------------------------------------- allocation pre-pass
-    def score_pass(self, reduce: alloc.LayerReduce, phase: str, desc: str) -> list[float | None]:
+    def score_pass(self, reduce: alloc.LayerReduce, phase: str, desc: str, key: str | None = None) -> list[float | None]:
         """One walk over the (still dense) model: ``reduce`` of each layer's ``method.outlier_scores``.
 
         The :data:`prunelab.prune.allocation.ScorePass` an allocation may ask for. With calibration
         data the scores see the inputs' statistics (``method.outlier_needs``); without, the weights
-        alone. None for layers without a targeted module.
+        alone. None for layers without a targeted module. ``key`` names the reduction (with its
+        parameters); with a pre-pass cache, a pass over the same weights and windows is read back.
         """
+        parts = self._prepass_parts(key) if self.prepass_cache is not None and key is not None else None
+        if parts is not None:
+            cached = self.prepass_cache.load(parts, self.adapter.num_layers)
+            self.prepass_record = {"what": key, "key": self.prepass_cache.key(parts), "hit": cached is not None}
+            if cached is not None:
+                log.info("%s: read from the pre-pass cache %s", desc, self.prepass_cache.path(self.prepass_record["key"]))
+                return cached
+        results = self._score_walk(reduce, phase, desc)
+        if parts is not None:
+            self.prepass_cache.save(parts, results)
+        return results
+
+    def _prepass_parts(self, key: str) -> dict[str, Any]:
+        """What a pre-pass reads, which its cache key hashes (``prunelab.prune.prepass_cache``)."""
+        with self.timer("prepass_key"):
+            weights = weights_digest(self.selected)
+        dtype = str(self.selected[0].get_weight().dtype) if self.selected else None
+        return {"what": key, "weights": weights, "calibration": self._calib_fingerprint, "method": self.method.name,
+                "params": dict(self.method.params), "needs": sorted(str(n) for n in self.method.outlier_needs),
+                "batch_size": self.settings.batch_size, "device": str(self.device), "dtype": dtype,
+                "layers": self.adapter.num_layers, "targets": list(self.settings.targets),
+                "skip": list(self.settings.skip)}
+
+    def _score_walk(self, reduce: alloc.LayerReduce, phase: str, desc: str) -> list[float | None]:
         results: list[float | None] = []
 
         def visit(stop: LayerStop) -> list[torch.Tensor] | None:
@@ -265,6 +298,7 @@ class LayerwisePruner:
     def _prune_all(self, calib_ids: torch.Tensor | None) -> list[float]:
         """Capture, allocate, prune every layer; return the per-layer targets."""
         if self.needs_data:
+            self._calib_fingerprint = ids_fingerprint(calib_ids)
             with self.timer("capture"):
                 self.walk.capture(calib_ids.split(self.settings.batch_size))
         planned = alloc.layer_targets(self.allocation, self.sparsity, self.adapter.num_layers, self.score_pass)
@@ -313,6 +347,7 @@ class LayerwisePruner:
             peak_memory_mb=self._peak_memory(),
             layer_forwards=self.layer_forwards,
             outlier_ratios=self.outlier_ratios,
+            prepass_cache=self.prepass_record,
             masks=self.masks,
         )
 
@@ -332,6 +367,7 @@ def prune_model(
     allocation: AllocationConfig | Mapping[str, Any] | None = None,
     engine: PruneEngineConfig | Mapping[str, Any] | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
 
@@ -348,6 +384,8 @@ def prune_model(
             ``device``, ``targets``, ``skip``, ``batch_size``, ``save_masks``); None = defaults.
         frozen: keep-masks of an earlier pruning step (parameter name → bool, True = kept, in the
             parameter's layout as ``prunelab.io.masks`` stores them): what they prune stays pruned.
+        cache_dir: where a pre-pass over the unpruned weights (OWL's outlier ratios) is kept for the
+            next job that would compute the same numbers (``<cache_dir>/prepass``); None: no cache.
 
     Returns:
         A :class:`PruneReport` with per-module targets and achieved sparsity, the sparsity
@@ -355,7 +393,8 @@ def prune_model(
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     settings = EngineSettings.of(engine)
-    pruner = LayerwisePruner(model, method, sparsity, pattern, alloc.settings(allocation), settings, frozen)
+    cache = PrepassCache(Path(cache_dir).expanduser() / "prepass") if cache_dir is not None else None
+    pruner = LayerwisePruner(model, method, sparsity, pattern, alloc.settings(allocation), settings, frozen, cache)
     report = pruner.run(calib_ids)
     log.info(
         "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",

@@ -133,6 +133,7 @@ class PruneReport:
     peak_memory_mb: dict[str, float]
     layer_forwards: int  # decoder-layer passes over the whole calibration set
     outlier_ratios: list[float | None] | None = None  # OWL: per layer (None: no module targeted)
+    prepass_cache: dict[str, Any] | None = None  # OWL's pre-pass: the cache key and whether it was read back
     masks: dict[str, torch.Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
