@@ -274,7 +274,9 @@ def test_a_killed_cli_run_resumes_when_the_same_command_runs_again(tmp_path, tin
     assert resumed["metrics"]["perplexity"] == reference["metrics"]["perplexity"]
     assert not (tmp_path / "killed" / "checkpoint").exists()
 
-    # the same folder with other settings: refused in one line before the model loads
+    # the same folder with other settings: refused in one line before the model loads (the finished
+    # results.json is moved away so that the checkpoint's own check is the one that speaks)
+    (tmp_path / "killed" / "results.json").rename(tmp_path / "results-of-the-resumed-run.json")
     args, env = _cli(tmp_path / "killed", tiny_hf_dir, data_root, cache_dir, "finetune.lr=1e-3")
     (tmp_path / "killed" / "checkpoint").mkdir()
     (tmp_path / "killed" / "checkpoint" / "state.json").write_text(state_of_another_run())

@@ -167,7 +167,7 @@ def completed_before(run_dir: Path, fingerprint: str, replace: bool = False) -> 
     if not isinstance(previous, dict) or previous.get("status") != COMPLETE or not isinstance(previous.get("config"), dict):
         return None
     if config_fingerprint(previous["config"]) != fingerprint:
-        raise ForeignResults(f"{run_dir} holds the complete results of another config; run into another folder "
+        raise ForeignResults(f"{run_dir} holds the complete results of another configuration; run into another folder "
                              f"(hydra.run.dir= / hydra.sweep.dir=) or set redo=true to replace them")
     return previous
 
