@@ -209,9 +209,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             checked = preflight(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)  # the record, as composed
         conf = checked.conf  # the typed config, from here on
-        previous = completed_before(run_dir, config_fingerprint(resolved), replace=conf.redo)
+        fingerprint = config_fingerprint(resolved)  # keys both the skip below and the checkpoint
+        previous = completed_before(run_dir, fingerprint, replace=conf.redo)
         if previous is not None:  # a re-run of a finished job (a sweep run again): nothing to do
-            write_skipped(run_dir, config_fingerprint(resolved))
+            write_skipped(run_dir, fingerprint)
             log.info("skipped: %s holds this config's complete results.json (redo=true runs it again)", run_dir)
             earlier, now = (previous.get("git") or {}).get("sha"), git_state().get("sha")
             if earlier != now:
@@ -227,7 +228,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             payload.update(config=resolved, versions=package_versions(), git=git_state())
             if checked.warnings:
                 payload["warnings"] = checked.warnings
-            store = checkpoint_store(conf, resolved, checked, run_dir)
+            store = checkpoint_store(conf, fingerprint, checked, run_dir)
             saved = store.read_state() if store is not None else None
             if saved is not None:
                 payload["resumed_from"] = {"checkpoint": str(store.folder), "generation": saved["generation"],
@@ -278,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
-def checkpoint_store(cfg: PrunelabConfig, resolved: dict[str, Any], checked: Checked, run_dir: Path):
+def checkpoint_store(cfg: PrunelabConfig, fingerprint: str, checked: Checked, run_dir: Path):
     """The run folder's checkpoint store, when the run trains or prunes step by step (else None)."""
     if not cfg.checkpoint.enabled or checked.method is None:
         return None
@@ -286,7 +287,7 @@ def checkpoint_store(cfg: PrunelabConfig, resolved: dict[str, Any], checked: Che
         return None  # nothing a restart would save
     from prunelab.io.checkpoint import CheckpointStore
 
-    return CheckpointStore(run_dir / "checkpoint", config_fingerprint(resolved))
+    return CheckpointStore(run_dir / "checkpoint", fingerprint)
 
 
 def run_schedule(model: torch.nn.Module, tokenizer: Any, cfg: PrunelabConfig, checked: Checked, payload: dict[str, Any],
