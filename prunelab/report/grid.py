@@ -3,7 +3,7 @@
 Hydra's basic sweeper saves the sweep's whole config as ``<sweep>/multirun.yaml`` before it launches a job:
 ``hydra.overrides.task`` holds the command-line overrides (``method=wanda sparsity=0.5,0.6``) and
 ``hydra.sweeper.params`` any configured ones. Expanding them with Hydra's own parser and
-``BasicSweeper.split_arguments`` gives every job's overrides in launch order (the index is ``hydra.job.num``).
+``BasicSweeper.split_arguments`` (through ``prunelab.sweeper.expand``) gives every job's overrides in launch order (the index is ``hydra.job.num``).
 Each launched job writes its overrides to ``.hydra/overrides.yaml`` in its folder; a planned job whose
 overrides match no such file below the sweep folder was never launched (the sweep was killed first).
 """
@@ -15,7 +15,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +67,6 @@ class GridCheck:
     checked: list[str] = field(default_factory=list)  # sweep folders whose grid was expanded
     unchecked: dict[str, str] = field(default_factory=dict)  # sweep folder -> why its grid is unknown
     never_launched: list[PlannedJob] = field(default_factory=list)
-
-
-def expand_grid(task_overrides: list[str], params: dict[str, Any] | None = None) -> list[list[str]]:
-    """Every job's overrides, in Hydra's launch order, as the basic sweeper expands them.
-
-    ``params`` are ``hydra.sweeper.params``; like the sweeper, they come before the command-line overrides.
-    """
-    from prunelab.sweeper import expand
-
-    return expand([str(x) for x in task_overrides], params)
 
 
 def planned_jobs(multirun_yaml: Path) -> list[list[str]]:
