@@ -222,7 +222,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             exit_code = 0
             return previous
         (Path(run_dir) / SKIPPED_FILE).unlink(missing_ok=True)
-        from prunelab.models.loading import load_model, model_provenance, resolve_device
+        from prunelab.models.loading import resolve_device
 
         with timer("setup"):
             payload.update(config=resolved, versions=package_versions(), git=git_state())
@@ -239,24 +239,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             torch.manual_seed(conf.seed)
             device = resolve_device(str(conf.device))
             payload["device"] = device_info(device)
-        with timer("load"):
-            model, tokenizer = load_model(conf.model, device, conf.cache_dir)
-            payload["model_source"] = model_provenance(model)
-            if checked.facts is None:  # the config was not readable before the load: check now
-                payload.setdefault("warnings", []).extend(validate_for_model(conf, facts_of(model.config), None, False))
-        metrics: dict[str, Any] = {}
-        if conf.structure.name != "none":
-            metrics["structure"] = steps.StructureStep(tokenizer, conf, payload, timer, run_dir)(model)
-        if checked.method is not None:
-            model, scheduled = run_schedule(model, tokenizer, conf, checked, payload, timer, logger, run_dir, device,
-                                            store, resume=saved is not None)
-            metrics.update(scheduled)
-        elif conf.finetune.name != "none":
-            model, metrics["finetune"] = steps.FinetuneStep(tokenizer, conf, logger.log_step, timer)(model, {})
-        if conf.structure.name != "none" and conf.structure.save:
-            with timer("save_model"):
-                metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
-        metrics.update(evaluate(model, tokenizer, conf, device, run_dir, timer))
+        if conf.model.stream:  # never loaded whole: pruned from disk into <run>/model, one layer in memory
+            metrics = steps.StreamedPruneStep(conf, checked.method, checked.pattern, payload, timer, run_dir)()
+        else:
+            metrics = run_in_memory(conf, checked, payload, timer, logger, run_dir, device, store, saved)
         payload["metrics"] = metrics
         payload["objective"] = objective(metrics, metric_paths(conf))
         payload["timings"] = timer.seconds
@@ -277,6 +263,32 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
     finally:
         logger.finish(exit_code)
+
+
+def run_in_memory(conf: PrunelabConfig, checked: Checked, payload: dict[str, Any], timer: Timer, logger: WandbLogger,
+                  run_dir: Path, device: torch.device, store: Any, saved: Any) -> dict[str, Any]:
+    """Load the model, then structure / prune / fine-tune as configured, then evaluate; returns the metrics."""
+    from prunelab.models.loading import load_model, model_provenance
+
+    with timer("load"):
+        model, tokenizer = load_model(conf.model, device, conf.cache_dir)
+        payload["model_source"] = model_provenance(model)
+        if checked.facts is None:  # the config was not readable before the load: check now
+            payload.setdefault("warnings", []).extend(validate_for_model(conf, facts_of(model.config), None, False))
+    metrics: dict[str, Any] = {}
+    if conf.structure.name != "none":
+        metrics["structure"] = steps.StructureStep(tokenizer, conf, payload, timer, run_dir)(model)
+    if checked.method is not None:
+        model, scheduled = run_schedule(model, tokenizer, conf, checked, payload, timer, logger, run_dir, device,
+                                        store, resume=saved is not None)
+        metrics.update(scheduled)
+    elif conf.finetune.name != "none":
+        model, metrics["finetune"] = steps.FinetuneStep(tokenizer, conf, logger.log_step, timer)(model, {})
+    if conf.structure.name != "none" and conf.structure.save:
+        with timer("save_model"):
+            metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
+    metrics.update(evaluate(model, tokenizer, conf, device, run_dir, timer))
+    return metrics
 
 
 def checkpoint_store(cfg: PrunelabConfig, fingerprint: str, checked: Checked, run_dir: Path):

@@ -69,6 +69,46 @@ class PruneStep:
         return report.to_dict()
 
 
+class StreamedPruneStep:
+    """``model.stream=true``: prune the checkpoint on disk layer by layer into ``<run>/model``.
+
+    The model is never loaded whole (``prunelab.prune.engine.prune_streamed``); only the tokenizer
+    is, for the calibration windows. Returns the run's metrics: ``pruning`` (with ``streamed``: what
+    was read and written) and ``sparsity``, measured on each layer before it left memory.
+    """
+
+    def __init__(self, cfg: PrunelabConfig, method: Any, pattern: Pattern, payload: dict[str, Any], timer: Any,
+                 run_dir: Path):
+        self.cfg, self.method, self.pattern, self.payload, self.timer = cfg, method, pattern, payload, timer
+        self.out = Path(run_dir) / "model"
+
+    def __call__(self) -> dict[str, Any]:
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        from prunelab.models.loading import resolve_device, resolve_dtype
+        from prunelab.models.streaming import source_folder
+        from prunelab.prune.engine import prune_streamed
+
+        cfg = self.cfg
+        with self.timer("load"):
+            folder, self.payload["model_source"] = source_folder(cfg.model, cfg.cache_dir)
+            if self.out.resolve() == folder.resolve():
+                raise ConfigError(f"model.path={folder} is this run's own output folder; stream from another folder")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        calib_ids = calibration_windows(tokenizer, cfg, self.payload, self.timer) if needs_calibration(self.method) else None
+        if self.out.exists():  # an earlier attempt of this run (its results are not complete, or redo=true)
+            shutil.rmtree(self.out)
+        dtype = resolve_dtype(cfg.model.dtype, resolve_device(str(cfg.prune.device)))
+        with self.timer("prune"):
+            report = prune_streamed(folder, self.out, self.method, calib_ids, float(cfg.sparsity), self.pattern,
+                                    cfg.allocation, cfg.prune, dtype).to_dict()
+        if not report["summary"]["nm_ok"]:
+            raise RuntimeError(f"N:M check failed after pruning: {report['summary']['nm_violations']}")
+        return {"pruning": report, "sparsity": report.pop("summary")}
+
+
 def target_masks(model: torch.nn.Module, cfg: PrunelabConfig) -> dict[str, torch.Tensor]:
     """Keep-masks read off the weights of the modules ``prune.targets`` / ``prune.skip`` select."""
     from prunelab.io.masks import masks_from_model

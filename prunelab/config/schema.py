@@ -31,6 +31,7 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (source=hf)
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (auto: float32 on CPU, bfloat16 on CUDA)
     trust_remote_code: bool = False
+    stream: bool = False  # true: never load the whole model; prune it layer by layer from its safetensors into <run>/model
     note: Optional[str] = None  # caveat printed with the numbers (e.g. quantisation rounding)
 
 
@@ -339,6 +340,8 @@ def validate(cfg: DictConfig) -> Pattern:
         except ValueError as err:
             raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
 
+    validate_stream(cfg)
+
     _choice(cfg.calib.source, KNOWN_TEXT_SOURCES, "calib.source")
     _positive(cfg.calib.nsamples, "calib.nsamples")
     _positive(cfg.calib.seqlen, "calib.seqlen")
@@ -458,6 +461,30 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
         )
     return warnings
 
+
+
+def validate_stream(cfg: DictConfig) -> None:
+    """``model.stream=true`` keeps one decoder layer in memory: only one-shot pruning into <run>/model."""
+    if not cfg.model.stream:
+        return
+    if cfg.method.name == "dense":
+        raise ConfigError("model.stream=true prunes a model on disk layer by layer: choose a method (method=wanda)")
+    busy = [f"{key}={value}" for key, value, idle in (("schedule", cfg.schedule.name, "oneshot"),
+                                                      ("finetune", cfg.finetune.name, "none"),
+                                                      ("structure", cfg.structure.name, "none")) if value != idle]
+    if busy:
+        raise ConfigError(f"model.stream=true never holds the whole model, which {', '.join(busy)} needs; "
+                          f"leave schedule=oneshot finetune=none structure=none")
+    evals = [name for name in ("perplexity", "zeroshot", "latency", "size") if cfg.eval[name].enabled]
+    if evals:
+        raise ConfigError(f"model.stream=true cannot evaluate a model it never holds ({', '.join(evals)} enabled): add "
+                          f"eval=none, then evaluate <run>/model with model=hf model.path=<run>/model where it fits")
+    if cfg.prune.save_masks:
+        raise ConfigError("model.stream=true cannot keep every mask in memory: set prune.save_masks=false "
+                          "(the zeros in <run>/model are the mask)")
+    if cfg.model.source == "hf" and not os.path.isdir(os.path.expanduser(str(cfg.model.path))):
+        raise ConfigError(f"model.stream=true reads a local folder, but model.path={cfg.model.path!r} is not one; "
+                          f"download it first (huggingface-cli download {cfg.model.path} --local-dir <folder>)")
 
 
 KNOWN_FINETUNES = ("none", "masked", "lora")

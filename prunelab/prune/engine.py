@@ -23,6 +23,11 @@ outputs nothing reads) the layer's last Linear only records its input (see ``wal
 layer is never re-run. A sequential run thus makes 2L - 1 layer passes over the calibration set
 (L with statistics hooks, L - 1 re-runs of pruned layers), plus L for OWL's pre-pass;
 ``experiments/bench_prune.py`` measures it against :func:`layerwise_forward`.
+
+:func:`prune_streamed` runs the same walk on a model that is never loaded whole: each decoder layer
+is read from the checkpoint's safetensors when the walk reaches it, pruned, measured, written as
+one shard of the output checkpoint and dropped (``prunelab.models.streaming``);
+``experiments/bench_streaming.py`` records its time and peak memory up to a 7B shape.
 """
 
 from __future__ import annotations
@@ -46,12 +51,13 @@ from prunelab.config.typed import typed
 from prunelab.models.adapters import DecoderAdapter, PrunableModule, get_adapter, select_modules
 from prunelab.data.tokens import ids_fingerprint
 from prunelab.models.loading import ModelLoadError, resolve_device
+from prunelab.models.streaming import StreamedLayers, open_streamed
 from prunelab.prune import allocation as alloc
 from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
 from prunelab.prune.prepass_cache import PrepassCache, weights_digest
 from prunelab.prune.stats import collect_stats
-from prunelab.prune.summary import ModuleRecord, PruneReport, measure_sparsity
+from prunelab.prune.summary import ModuleRecord, PruneReport, SparsityTally, measure_sparsity
 from prunelab.prune.timing import PhaseTimer, sync
 from prunelab.prune.walk import LayerStop, LayerWalk
 
@@ -142,8 +148,14 @@ class LayerwisePruner:
         settings: EngineSettings,
         frozen: Mapping[str, torch.Tensor] | None = None,
         prepass_cache: PrepassCache | None = None,
+        streamed: StreamedLayers | None = None,
     ):
+        if streamed is not None and prepass_cache is not None:
+            raise ValueError("a streamed model has no weights in memory to key a pre-pass cache with; pass no cache")
         self.model = model
+        self.streamed = streamed
+        self.tally = SparsityTally(pattern) if streamed is not None else None  # measured while each layer is resident
+        self.streamed_record: dict[str, Any] | None = None
         self.prepass_cache = prepass_cache
         self.prepass_record: dict[str, Any] | None = None  # what the cache said (results.json: pruning.prepass_cache)
         self._calib_fingerprint: str | None = None
@@ -160,7 +172,7 @@ class LayerwisePruner:
         for m in self.selected:
             self.by_layer[m.layer].append(m)
         self.timer = PhaseTimer(self.device)
-        self.walk = LayerWalk(self.adapter, self.device, self.timer)
+        self.walk = LayerWalk(self.adapter, self.device, self.timer, residence=streamed)
         self.records: list[ModuleRecord] = []
         self.masks: dict[str, torch.Tensor] | None = {} if settings.save_masks else None
         self.outlier_ratios: list[float | None] | None = None
@@ -304,8 +316,16 @@ class LayerwisePruner:
         planned = alloc.layer_targets(self.allocation, self.sparsity, self.adapter.num_layers, self.score_pass)
         self.outlier_ratios = planned.outlier_ratios
         targets = alloc.module_targets(self.selected, planned.targets, self.sparsity, self.method.global_scope)
-        self.walk.run(lambda stop: self._prune_layer(stop, targets), desc=f"prune {self.method.name}")
+        self.walk.run(lambda stop: self._visit(stop, targets), desc=f"prune {self.method.name}", final=True)
         return planned.targets
+
+    def _visit(self, stop: LayerStop, targets: Mapping[str, float]) -> list[torch.Tensor] | None:
+        outputs = self._prune_layer(stop, targets)
+        if self.tally is not None:  # a streamed layer leaves memory after this visit: measure it now
+            with self.timer("measure"):
+                for mod in self.by_layer.get(stop.index, []):
+                    self.tally.add(mod)
+        return outputs
 
     # ----------------------------------------------------------------------------- run
     def run(self, calib_ids: torch.Tensor | None) -> PruneReport:
@@ -320,14 +340,20 @@ class LayerwisePruner:
         try:
             with torch.no_grad():
                 layer_targets = self._prune_all(calib_ids)
+                if self.streamed is not None:
+                    with self.timer("stream"):
+                        self.streamed_record = self.streamed.finish()
         finally:
             self.model.train(was_training)
         self.timer.seconds["total"] = time.perf_counter() - start
         return self._report(calib_ids, layer_targets)
 
     def _report(self, calib_ids: torch.Tensor | None, layer_targets: list[float]) -> PruneReport:
-        with self.timer("measure"):
-            summary = measure_sparsity(self.model, self.settings.targets, self.settings.skip, self.pattern)
+        if self.tally is not None and self.streamed is not None:
+            summary = self.tally.summary(self.streamed.zeros, self.streamed.count)
+        else:
+            with self.timer("measure"):
+                summary = measure_sparsity(self.model, self.settings.targets, self.settings.skip, self.pattern)
         for record in self.records:
             record.achieved = summary.per_module[record.name]
         return PruneReport(
@@ -348,6 +374,7 @@ class LayerwisePruner:
             layer_forwards=self.layer_forwards,
             outlier_ratios=self.outlier_ratios,
             prepass_cache=self.prepass_record,
+            streamed=self.streamed_record,
             masks=self.masks,
         )
 
@@ -399,6 +426,50 @@ def prune_model(
     log.info(
         "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",
         len(report.modules), method.name, pattern, 100 * report.summary.overall, report.timings.get("total", 0.0),
+    )
+    return report
+
+
+def prune_streamed(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    method: PruningMethod,
+    calib_ids: torch.Tensor | None,
+    sparsity: float,
+    pattern: Pattern | str = "unstructured",
+    allocation: AllocationConfig | Mapping[str, Any] | None = None,
+    engine: PruneEngineConfig | Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PruneReport:
+    """Prune the checkpoint in ``folder`` into ``out`` without ever holding the whole model.
+
+    The model is built on the meta device; each decoder layer is read (memory-mapped) from
+    ``folder``'s safetensors when the walk reaches it, pruned like :func:`prune_model` does,
+    measured, written as one shard of ``out`` and dropped (``prunelab.models.streaming``). Memory
+    holds one layer, the calibration activations and the embeddings' touched rows. ``out`` gets
+    the index, config and tokenizer files last: it loads with ``from_pretrained`` once complete,
+    and a run that stops early leaves no index there.
+
+    Args:
+        folder: a model folder (config.json and safetensors, as ``save_pretrained`` writes it).
+        out: the output folder; it must not hold a checkpoint yet.
+        method, calib_ids, sparsity, pattern, allocation, engine: as for :func:`prune_model`
+            (``engine.save_masks`` keeps every mask in memory: leave it off for a big model).
+        dtype: the dtype layers are computed and written in.
+
+    Returns:
+        The :class:`PruneReport`; ``streamed`` says what was read and written and the most layers
+        ever resident at once.
+    """
+    pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
+    settings = EngineSettings.of(engine)
+    model = open_streamed(folder, dtype)
+    layers = StreamedLayers(model, out)
+    pruner = LayerwisePruner(model.model, method, sparsity, pattern, alloc.settings(allocation), settings, streamed=layers)
+    report = pruner.run(calib_ids)
+    log.info(
+        "pruned %s into %s layer by layer from disk with %s (%s): %.2f%% of the targeted weights are zero (%.1f s)",
+        folder, out, method.name, pattern, 100 * report.summary.overall, report.timings.get("total", 0.0),
     )
     return report
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.models.adapters import select_modules
+from prunelab.models.adapters import PrunableModule, select_modules
 from prunelab.prune.masks import nm_violations
 from prunelab.prune.pattern import Pattern
 
@@ -50,6 +50,47 @@ class SparsitySummary:
         return out
 
 
+class SparsityTally:
+    """Zero counts of prunable modules, added a module at a time; :meth:`summary` turns them into
+    a :class:`SparsitySummary`. A streamed model is measured layer by layer while each is resident."""
+
+    def __init__(self, pattern: Pattern | str | None = None):
+        self.pattern = Pattern.parse(pattern) if isinstance(pattern, str) else (pattern or Pattern())
+        self.by_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        self.by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.per_module: dict[str, float] = {}
+        self.violations: dict[str, int] = {}
+        self.zeros = self.total = 0
+
+    @torch.no_grad()
+    def add(self, m: PrunableModule) -> None:
+        """Count ``m``'s zeros; with an N:M pattern, check it group by group (-1: its width cannot conform)."""
+        weight = m.get_weight()
+        zeros, count = int((weight == 0).sum().item()), weight.numel()
+        self.per_module[m.full_name] = zeros / count if count else 0.0
+        for bucket in (self.by_layer[m.layer], self.by_type[m.name]):
+            bucket[0] += zeros
+            bucket[1] += count
+        self.zeros += zeros
+        self.total += count
+        if self.pattern.is_nm:
+            bad = nm_violations(weight, self.pattern) if m.in_features % self.pattern.m == 0 else -1
+            if bad:
+                self.violations[m.full_name] = bad
+
+    def summary(self, model_zeros: int, model_count: int) -> SparsitySummary:
+        """The summary, given the zeros and entries of all the model's parameters."""
+        return SparsitySummary(
+            overall=self.zeros / self.total if self.total else 0.0,
+            per_layer={k: z / n for k, (z, n) in sorted(self.by_layer.items())},
+            per_type={k: z / n for k, (z, n) in self.by_type.items()},
+            per_module=dict(self.per_module),
+            model_fraction=model_zeros / model_count if model_count else 0.0,
+            pattern=str(self.pattern),
+            nm_violations=dict(self.violations),
+        )
+
+
 @torch.no_grad()
 def measure_sparsity(
     model: nn.Module,
@@ -62,37 +103,12 @@ def measure_sparsity(
     With an N:M ``pattern`` every selected module is checked group by group; a module whose
     input width is not a multiple of M cannot conform and is reported with violations = -1.
     """
-    pattern = Pattern.parse(pattern) if isinstance(pattern, str) else (pattern or Pattern())
-    modules = select_modules(model, targets, skip)
-    zeros_by_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    zeros_by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    per_module: dict[str, float] = {}
-    violations: dict[str, int] = {}
-    total_zeros = total = 0
-    for m in modules:
-        weight = m.get_weight()
-        zeros, count = int((weight == 0).sum().item()), weight.numel()
-        per_module[m.full_name] = zeros / count if count else 0.0
-        for bucket in (zeros_by_layer[m.layer], zeros_by_type[m.name]):
-            bucket[0] += zeros
-            bucket[1] += count
-        total_zeros += zeros
-        total += count
-        if pattern.is_nm:
-            bad = nm_violations(weight, pattern) if m.in_features % pattern.m == 0 else -1
-            if bad:
-                violations[m.full_name] = bad
+    tally = SparsityTally(pattern)
+    for m in select_modules(model, targets, skip):
+        tally.add(m)
     all_zeros = sum(int((p == 0).sum().item()) for p in model.parameters())
     all_count = sum(p.numel() for p in model.parameters())
-    return SparsitySummary(
-        overall=total_zeros / total if total else 0.0,
-        per_layer={k: z / n for k, (z, n) in sorted(zeros_by_layer.items())},
-        per_type={k: z / n for k, (z, n) in zeros_by_type.items()},
-        per_module=per_module,
-        model_fraction=all_zeros / all_count if all_count else 0.0,
-        pattern=str(pattern),
-        nm_violations=violations,
-    )
+    return tally.summary(all_zeros, all_count)
 
 
 def check_nm(model: nn.Module, pattern: Pattern | str, targets: Sequence[str] = (".*",), skip: Sequence[str] = ()) -> dict[str, int]:
@@ -134,6 +150,7 @@ class PruneReport:
     layer_forwards: int  # decoder-layer passes over the whole calibration set
     outlier_ratios: list[float | None] | None = None  # OWL: per layer (None: no module targeted)
     prepass_cache: dict[str, Any] | None = None  # OWL's pre-pass: the cache key and whether it was read back
+    streamed: dict[str, Any] | None = None  # prune_streamed: what was read and written, the most layers resident
     masks: dict[str, torch.Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,11 @@ calibration batch with the layers replaced by recorders (``prunelab.prune.captur
 3. moves the layer back to where it was (also when the visitor raises);
 4. hands whatever the visitor returned to layer i + 1 as its inputs.
 
+A walk over a model bigger than memory has a *residence* (``prunelab.models.streaming.StreamedLayers``):
+it reads layer i's weights from disk before step 1 and puts the layer back on the meta device
+after step 3; a walk that leaves each layer in its final state (``run(final=True)``: the pruning
+walk, not a pre-pass) has it written out first, unless the visitor raised.
+
 A walk without :meth:`~LayerWalk.capture` (methods that need no statistics) still visits every
 layer on the device, with ``inputs`` None. When :meth:`~LayerWalk.forward`'s outputs are not kept,
 the layer's last Linear (``ArchSpec.last_linear``, e.g. ``mlp.down_proj``) returns zeros of its
@@ -66,6 +71,14 @@ class LayerStop:
 Visitor = Callable[[LayerStop], list[torch.Tensor] | None]
 
 
+class Residence(Protocol):
+    """Where decoder layers live between visits when the model is not in memory."""
+
+    def load(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module, write: bool) -> None: ...
+
+
 @contextmanager
 def _input_only(module: PrunableModule | None) -> Iterator[None]:
     """Make ``module`` return zeros of its output shape (its pre-hooks still see the input)."""
@@ -90,13 +103,17 @@ class LayerWalk:
     Args:
         adapter: the model's decoder-layer view (``prunelab.models.adapters.get_adapter``).
         device: where one layer is computed.
-        timer: when given, layer moves are timed under ``move``; callers time their own forwards.
+        timer: when given, layer moves are timed under ``move`` (and reads and writes of a streamed
+            layer under ``stream``); callers time their own forwards.
+        residence: where layers live between visits; None: in the model, in memory.
     """
 
-    def __init__(self, adapter: DecoderAdapter, device: torch.device, timer: PhaseTimer | None = None):
+    def __init__(self, adapter: DecoderAdapter, device: torch.device, timer: PhaseTimer | None = None,
+                 residence: Residence | None = None):
         self.adapter = adapter
         self.device = device
         self.timer = timer
+        self.residence = residence
         self.forwards = 0
         self._captured: CapturedInputs | None = None
         self._spent = False  # a run took the captured inputs over
@@ -110,7 +127,7 @@ class LayerWalk:
         self._captured = capture_layer_inputs(self.adapter, batches, self.device)
         self._spent = False
 
-    def run(self, visit: Visitor, desc: str, keep_inputs: bool = False) -> list[torch.Tensor] | None:
+    def run(self, visit: Visitor, desc: str, keep_inputs: bool = False, final: bool = False) -> list[torch.Tensor] | None:
         """Visit every layer in order (see the module docstring); return the last visit's result.
 
         Args:
@@ -118,6 +135,7 @@ class LayerWalk:
             desc: the progress bar's label.
             keep_inputs: leave the captured layer-0 inputs for a later run (a pre-pass); otherwise
                 this run takes them over and each layer's inputs are freed once the next has its own.
+            final: the visits leave each layer as it will stay (a residence writes it out).
         """
         inputs, calls = self._take(keep_inputs)
         for index in progress(range(self.num_layers), desc=desc, unit="layer"):
@@ -128,7 +146,7 @@ class LayerWalk:
                 calls=calls[index] if calls is not None else None,
                 last=index == self.num_layers - 1,
             )
-            with self._on_device(stop.layer):
+            with self._on_device(index, stop.layer, final):
                 inputs = visit(stop)
             del stop
         return inputs
@@ -165,15 +183,23 @@ class LayerWalk:
         return self.timer(key) if self.timer is not None else nullcontext()
 
     @contextmanager
-    def _on_device(self, layer: nn.Module) -> Iterator[None]:
+    def _on_device(self, index: int, layer: nn.Module, final: bool) -> Iterator[None]:
+        if self.residence is not None:
+            with self._timed("stream"):
+                self.residence.load(index, layer)
         home = home_device(layer)
-        with self._timed("move"):
-            layer.to(self.device)
+        done = False
         try:
+            with self._timed("move"):
+                layer.to(self.device)
             yield
+            done = True
         finally:
             with self._timed("move"):
                 layer.to(home)
+            if self.residence is not None:
+                with self._timed("stream"):
+                    self.residence.release(index, layer, write=final and done)
 
     def _last_linear(self, stop: LayerStop) -> PrunableModule | None:
         name = self.adapter.spec.last_linear

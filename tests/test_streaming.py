@@ -1,0 +1,186 @@
+"""Pruning from disk, one decoder layer in memory (``prune_streamed``, ``model.stream=true``).
+
+The reference is the in-memory engine on the same checkpoint: the streamed output must hold the
+same tensors bit for bit, load with plain ``from_pretrained``, and never have two layers resident.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunelab.io.shards import INDEX, ShardError, ShardReader
+from prunelab.models import streaming
+from prunelab.prune.engine import prune_model, prune_streamed
+from prunelab.prune.methods import build_method
+from prunelab.prune.summary import measure_sparsity
+from tiny_models import BUILDERS, random_ids, tiny_llama
+
+
+def _save(model, folder, shard="30KB"):
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def _in_memory(folder, method, ids, sparsity, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    report = prune_model(model, build_method(method, {}), ids, sparsity, **kwargs)
+    return model, report
+
+
+def _same_tensors(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"tensors differ: {different[:4]}"
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"),
+                                            ("magnitude", "unstructured"), ("sparsegpt", "2:4")])
+def test_streamed_pruning_writes_what_the_in_memory_engine_computes(tmp_path, method, pattern):
+    source = _save(tiny_llama(num_hidden_layers=3), tmp_path / "src")
+    ids = random_ids(4, 16)
+    reference, ref_report = _in_memory(source, method, ids, 0.5, pattern=pattern)
+    report = prune_streamed(source, tmp_path / "out", build_method(method, {}), ids, 0.5, pattern)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers, from the shards
+    _same_tensors(reference, pruned)
+    # the report was measured layer by layer while each was resident; measure the loaded output now
+    measured = measure_sparsity(pruned, pattern=pattern)
+    assert report.summary.per_module == pytest.approx(measured.per_module)
+    assert report.summary.model_fraction == pytest.approx(measured.model_fraction)
+    assert report.summary.overall == pytest.approx(ref_report.summary.overall)
+    assert report.summary.nm_ok and report.streamed["shards"] == 3 + 1
+    assert report.layer_forwards == ref_report.layer_forwards
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, pruned(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "gpt2", "opt"])
+def test_streaming_covers_every_supported_family(tmp_path, family):
+    source = _save(BUILDERS[family](), tmp_path / "src")
+    ids = random_ids(2, 16)
+    reference, _ = _in_memory(source, "wanda", ids, 0.5)
+    prune_streamed(source, tmp_path / "out", build_method("wanda", {}), ids, 0.5)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+
+
+def test_at_most_one_layer_is_in_memory_and_owl_reads_without_writing(tmp_path, monkeypatch):
+    """OWL's pre-pass walks the layers too: it must read each one, write none, and leave it on meta."""
+    source = _save(tiny_llama(num_hidden_layers=4), tmp_path / "src")
+    ids = random_ids(4, 16)
+    real_layers = []  # per load: how many decoder layers held real (non-meta) weights just before
+    writes = []
+    load, release = streaming.StreamedLayers.load, streaming.StreamedLayers.release
+
+    def counting_load(self, index, layer):
+        real_layers.append(sum(any(p.device.type != "meta" for p in lay.parameters()) for lay in self.streamed.adapter.layers))
+        load(self, index, layer)
+
+    def counting_release(self, index, layer, write):
+        writes.append((index, write))
+        release(self, index, layer, write)
+
+    monkeypatch.setattr(streaming.StreamedLayers, "load", counting_load)
+    monkeypatch.setattr(streaming.StreamedLayers, "release", counting_release)
+    allocation = {"name": "owl", "lam": 0.1, "m": 2.0}
+    reference, ref_report = _in_memory(source, "wanda", ids, 0.6, allocation=allocation)
+    report = prune_streamed(source, tmp_path / "out", build_method("wanda", {}), ids, 0.6, allocation=allocation)
+    assert real_layers == [0] * 8  # 4 pre-pass loads + 4 pruning loads, each onto an all-meta stack
+    assert writes == [(i, False) for i in range(4)] + [(i, True) for i in range(4)]
+    assert report.outlier_ratios == pytest.approx(ref_report.outlier_ratios)
+    assert report.layer_targets == pytest.approx(ref_report.layer_targets)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+
+
+def test_a_tied_single_file_checkpoint_streams(tmp_path):
+    model = tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "src")  # one model.safetensors, no lm_head tensor
+    assert (tmp_path / "src" / "model.safetensors").is_file() and not (tmp_path / "src" / INDEX).exists()
+    ids = random_ids(2, 16)
+    reference, _ = _in_memory(tmp_path / "src", "wanda", ids, 0.5)
+    prune_streamed(tmp_path / "src", tmp_path / "out", build_method("wanda", {}), ids, 0.5)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    _same_tensors(reference, pruned)
+    assert "lm_head.weight" not in ShardReader(tmp_path / "out").names()
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_an_interrupted_stream_leaves_no_loadable_output(tmp_path):
+    source = _save(tiny_llama(num_hidden_layers=3), tmp_path / "src")
+    method = build_method("magnitude", {})
+    calls = []
+    original = method.prune
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 8:  # during the second layer
+            raise _Boom("killed")
+        return original(*args, **kwargs)
+
+    method.prune = failing
+    with pytest.raises(_Boom):
+        prune_streamed(source, tmp_path / "out", method, None, 0.5)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00004.safetensors"]
+    with pytest.raises(ShardError, match="neither"):
+        ShardReader(tmp_path / "out")
+    with pytest.raises((OSError, ValueError)):  # no config.json, no index: nothing to load
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(FileExistsError):  # a finished output is never overwritten
+        prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
+        prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_before_pruning(tmp_path):
+    source = _save(tiny_llama(), tmp_path / "src")
+    index = json.loads((source / INDEX).read_text())
+    del index["weight_map"]["model.norm.weight"]
+    (source / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="model.norm.weight"):
+        prune_streamed(source, tmp_path / "out", build_method("magnitude", {}), None, 0.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_streams_a_local_model_into_the_run_folder(tmp_path, cache_dir, data_root, tiny_hf_dir, default_tokenizer):
+    from prunelab.data.calibration import get_calibration
+    from test_cli import run_cli
+
+    run_dir = tmp_path / "run"
+    calib = {"source": "c4", "nsamples": 2, "seqlen": 64, "seed": 0}
+    proc = run_cli("model=hf", f"model.path={tiny_hf_dir}", "model.stream=true", "method=sparsegpt", "eval=none",
+                   *(f"calib.{k}={v}" for k, v in calib.items()), "logger=none", f"hydra.run.dir={run_dir}",
+                   cache_dir=cache_dir, data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete" and results["model_source"]["stream"] == str(tiny_hf_dir)
+    assert results["metrics"]["pruning"]["streamed"]["resident_layers_max"] == 1
+    assert results["metrics"]["sparsity"]["overall"] == pytest.approx(0.5)
+    # the same pruning in memory, on the same calibration windows
+    ids, _ = get_calibration(default_tokenizer, calib, data_root, cache_dir)
+    reference, _ = _in_memory(tiny_hf_dir, "sparsegpt", ids, 0.5)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(run_dir / "model"))
+    assert (run_dir / "model" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method=wanda"], "add eval=none"),
+        (["method=dense", "eval=none"], "choose a method"),
+        (["method=magnitude", "eval=none", "finetune=masked"], "finetune=masked"),
+        (["method=magnitude", "eval=none", "prune.save_masks=true"], "prune.save_masks=false"),
+        (["method=wanda", "eval=none", "model=hf", "model.path=some-org/some-model"], "local folder"),
+    ],
+)
+def test_stream_settings_that_cannot_work_fail_before_loading(overrides, needle):
+    from test_config import _compose
+
+    from prunelab.config.schema import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=needle):
+        validate(_compose("model.stream=true", *overrides))
