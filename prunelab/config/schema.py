@@ -189,6 +189,7 @@ class PruneEngineConfig:
     skip: list[str] = field(default_factory=list)  # regexes of full module names never pruned
     batch_size: int = 1  # calibration windows per layer forward
     save_masks: bool = False  # write masks.safetensors into the run folder
+    share_stats: bool = True  # sequential=false: keep the dense per-layer statistics in <cache_dir>/stats for the next job
 
 
 @dataclass

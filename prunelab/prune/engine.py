@@ -57,6 +57,7 @@ from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
 from prunelab.prune.prepass_cache import PrepassCache, weights_digest
 from prunelab.prune.stats import collect_stats
+from prunelab.prune.stats_cache import StatsCache, StatsEntry
 from prunelab.prune.summary import ModuleRecord, PruneReport, SparsityTally, measure_sparsity
 from prunelab.prune.timing import PhaseTimer, sync
 from prunelab.prune.walk import LayerStop, LayerWalk
@@ -93,6 +94,7 @@ class EngineSettings(PruneEngineConfig):
         self.targets = [str(t) for t in self.targets]
         self.skip = [str(s) for s in self.skip]
         self.save_masks = bool(self.save_masks)
+        self.share_stats = bool(self.share_stats)
         self.compute_device = _compute_device(self.device)
 
     @classmethod
@@ -149,10 +151,14 @@ class LayerwisePruner:
         frozen: Mapping[str, torch.Tensor] | None = None,
         prepass_cache: PrepassCache | None = None,
         streamed: StreamedLayers | None = None,
+        stats_cache: StatsCache | None = None,
     ):
         if streamed is not None and prepass_cache is not None:
             raise ValueError("a streamed model has no weights in memory to key a pre-pass cache with; pass no cache")
         self.model = model
+        self.stats_cache = stats_cache
+        self.stats_record: dict[str, Any] | None = None  # results.json: pruning.stats_cache
+        self._weights: str | None = None  # sha256 of the targeted weights before pruning (cache keys)
         self.streamed = streamed
         self.tally = SparsityTally(pattern) if streamed is not None else None  # measured while each layer is resident
         self.streamed_record: dict[str, Any] | None = None
@@ -210,14 +216,30 @@ class LayerwisePruner:
 
     def _prepass_parts(self, key: str) -> dict[str, Any]:
         """What a pre-pass reads, which its cache key hashes (``prunelab.prune.prepass_cache``)."""
-        with self.timer("prepass_key"):
-            weights = weights_digest(self.selected)
+        return {"what": key, **self._input_parts(), "method": self.method.name, "params": dict(self.method.params),
+                "needs": sorted(str(n) for n in self.method.outlier_needs)}
+
+    def _input_parts(self) -> dict[str, Any]:
+        """What a walk over the unpruned model reads: the cache keys' common parts."""
+        if self._weights is None:
+            with self.timer("cache_key"):
+                self._weights = weights_digest(self.selected)
         dtype = str(self.selected[0].get_weight().dtype) if self.selected else None
-        return {"what": key, "weights": weights, "calibration": self._calib_fingerprint, "method": self.method.name,
-                "params": dict(self.method.params), "needs": sorted(str(n) for n in self.method.outlier_needs),
-                "batch_size": self.settings.batch_size, "device": str(self.device), "dtype": dtype,
-                "layers": self.adapter.num_layers, "targets": list(self.settings.targets),
-                "skip": list(self.settings.skip)}
+        return {"weights": self._weights, "calibration": self._calib_fingerprint, "batch_size": self.settings.batch_size,
+                "device": str(self.device), "dtype": dtype, "layers": self.adapter.num_layers,
+                "targets": list(self.settings.targets), "skip": list(self.settings.skip)}
+
+    def _stats_entry(self) -> StatsEntry | None:
+        """The dense-statistics cache entry, when this run can share one (non-sequential, calibrated)."""
+        if (self.stats_cache is None or not self.settings.share_stats or self.settings.sequential or not self.needs_data
+                or self.frozen or self.streamed is not None):
+            return None  # the dense model's statistics are this run's only when nothing was pruned before
+        entry = self.stats_cache.open({"what": "dense-stats", **self._input_parts(),
+                                       "needs": sorted(str(n) for n in self.method.needs)}, self.adapter.num_layers)
+        self.stats_record = entry.record()
+        if entry.hit:
+            log.info("dense statistics read from the stats cache %s: no calibration forward", entry.folder)
+        return entry
 
     def _score_walk(self, reduce: alloc.LayerReduce, phase: str, desc: str) -> list[float | None]:
         results: list[float | None] = []
@@ -239,9 +261,18 @@ class LayerwisePruner:
         return results
 
     # ----------------------------------------------------------------------------- pruning
-    def _prune_layer(self, stop: LayerStop, targets: Mapping[str, float]) -> list[torch.Tensor] | None:
-        """Prune the layer at ``stop``; return the next layer's inputs (None without data, or for the last layer)."""
+    def _prune_layer(self, stop: LayerStop, targets: Mapping[str, float],
+                     entry: StatsEntry | None = None) -> list[torch.Tensor] | None:
+        """Prune the layer at ``stop``; return the next layer's inputs (None without data, or for the last layer).
+
+        ``entry``: a stats cache entry; a hit gives the statistics (no forward), else they are stored in it.
+        """
         modules = self.by_layer.get(stop.index, [])
+        if entry is not None and entry.hit:
+            with self.timer("stats"):
+                stats = entry.load_layer(stop.index, modules, self.method.needs, self.device)
+            self._solve(modules, stats, targets)
+            return None
         if stop.inputs is None:  # no statistics needed: no forward at all
             self._solve(modules, {}, targets)
             return None
@@ -255,6 +286,9 @@ class LayerwisePruner:
         discard = self.settings.sequential or stop.last
         with self.timer("stats"), collect_stats(modules, self.method.needs, self.device) as collector:
             outputs = self.walk.forward(stop, collector, keep_outputs=not discard)
+        if entry is not None:  # before the method sees them: a solver may work in place
+            with self.timer("cache_write"):
+                entry.save_layer(stop.index, collector.stats, collector.shared_with)
         self._solve(modules, collector.stats, targets)
         del collector
         if stop.last:
@@ -316,11 +350,19 @@ class LayerwisePruner:
         planned = alloc.layer_targets(self.allocation, self.sparsity, self.adapter.num_layers, self.score_pass)
         self.outlier_ratios = planned.outlier_ratios
         targets = alloc.module_targets(self.selected, planned.targets, self.sparsity, self.method.global_scope)
-        self.walk.run(lambda stop: self._visit(stop, targets), desc=f"prune {self.method.name}", final=True)
+        entry = self._stats_entry()
+        try:
+            self.walk.run(lambda stop: self._visit(stop, targets, entry), desc=f"prune {self.method.name}", final=True)
+        except BaseException:
+            if entry is not None:
+                entry.discard()
+            raise
+        if entry is not None:
+            entry.commit()
         return planned.targets
 
-    def _visit(self, stop: LayerStop, targets: Mapping[str, float]) -> list[torch.Tensor] | None:
-        outputs = self._prune_layer(stop, targets)
+    def _visit(self, stop: LayerStop, targets: Mapping[str, float], entry: StatsEntry | None) -> list[torch.Tensor] | None:
+        outputs = self._prune_layer(stop, targets, entry)
         if self.tally is not None:  # a streamed layer leaves memory after this visit: measure it now
             with self.timer("measure"):
                 for mod in self.by_layer.get(stop.index, []):
@@ -374,6 +416,7 @@ class LayerwisePruner:
             layer_forwards=self.layer_forwards,
             outlier_ratios=self.outlier_ratios,
             prepass_cache=self.prepass_record,
+            stats_cache=self.stats_record,
             streamed=self.streamed_record,
             masks=self.masks,
         )
@@ -408,11 +451,12 @@ def prune_model(
         allocation: the ``allocation`` block (``AllocationConfig``, or a mapping of its fields:
             ``name``: uniform | owl | explicit, ``lam``, ``m``, ``layers``); None = uniform.
         engine: the ``prune`` block (``PruneEngineConfig``, or a mapping of its fields: ``sequential``,
-            ``device``, ``targets``, ``skip``, ``batch_size``, ``save_masks``); None = defaults.
+            ``device``, ``targets``, ``skip``, ``batch_size``, ``save_masks``, ``share_stats``); None = defaults.
         frozen: keep-masks of an earlier pruning step (parameter name → bool, True = kept, in the
             parameter's layout as ``prunelab.io.masks`` stores them): what they prune stays pruned.
-        cache_dir: where a pre-pass over the unpruned weights (OWL's outlier ratios) is kept for the
-            next job that would compute the same numbers (``<cache_dir>/prepass``); None: no cache.
+        cache_dir: where a pre-pass over the unpruned weights (OWL's outlier ratios, ``<cache_dir>/prepass``)
+            and, for ``sequential=false``, the dense model's per-layer statistics (``<cache_dir>/stats``)
+            are kept for the next job that would compute the same numbers; None: no cache.
 
     Returns:
         A :class:`PruneReport` with per-module targets and achieved sparsity, the sparsity
@@ -420,8 +464,10 @@ def prune_model(
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     settings = EngineSettings.of(engine)
-    cache = PrepassCache(Path(cache_dir).expanduser() / "prepass") if cache_dir is not None else None
-    pruner = LayerwisePruner(model, method, sparsity, pattern, alloc.settings(allocation), settings, frozen, cache)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+    pruner = LayerwisePruner(model, method, sparsity, pattern, alloc.settings(allocation), settings, frozen,
+                             PrepassCache(cache / "prepass") if cache else None,
+                             stats_cache=StatsCache(cache / "stats") if cache else None)
     report = pruner.run(calib_ids)
     log.info(
         "pruned %d Linear modules with %s (%s): %.2f%% of their weights are zero now (%.1f s)",

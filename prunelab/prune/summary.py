@@ -150,6 +150,7 @@ class PruneReport:
     layer_forwards: int  # decoder-layer passes over the whole calibration set
     outlier_ratios: list[float | None] | None = None  # OWL: per layer (None: no module targeted)
     prepass_cache: dict[str, Any] | None = None  # OWL's pre-pass: the cache key and whether it was read back
+    stats_cache: dict[str, Any] | None = None  # sequential=false: the dense statistics' cache key and whether read back
     streamed: dict[str, Any] | None = None  # prune_streamed: what was read and written, the most layers resident
     masks: dict[str, torch.Tensor] | None = None
 

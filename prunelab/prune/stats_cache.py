@@ -1,0 +1,169 @@
+"""The dense model's per-layer input statistics, shared by the non-sequential jobs of a sweep.
+
+With ``prune.sequential=false`` every layer is calibrated on the *dense* model's activations, so
+its statistics (Wanda's ‖X‖², SparseGPT's X Xᵀ, FLAP-style sums) do not depend on the sparsity,
+the pattern or the allocation of the job: a sweep over those computes the same numbers in every job.
+The first job stores them, one safetensors file per layer, under ``<cache_dir>/stats/<key>/``; the
+next ones read them and run no forward pass at all.
+
+"Provably the same": the key hashes what the statistics depend on: the sha256 of the targeted
+weights as they are when the run starts (a fine-tuned or already pruned model never matches the
+dense one), the calibration windows' fingerprint, the statistics asked for (``needs``), the batch
+size, device and dtype, the targeted and skipped modules. An entry is written into a temporary
+folder and renamed into place once complete, with ``manifest.json`` naming its parts and each
+file's sha256; it is trusted only when the manifest holds exactly this run's parts and every file
+hashes to its recorded value. Anything else is computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prunelab.models.adapters import PrunableModule
+from prunelab.prune.methods.base import InputStats
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_FIELDS = ("sq_norm", "total", "hessian")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _normalised(parts: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(parts, sort_keys=True, default=str))
+
+
+class StatsEntry:
+    """The statistics of one key: read back (``hit``), or being written layer by layer."""
+
+    def __init__(self, cache: "StatsCache", parts: Mapping[str, Any], layers: int, manifest: dict[str, Any] | None):
+        self.cache, self.parts, self.layers = cache, _normalised(parts), layers
+        self.key = StatsCache.key(parts)
+        self.hit = manifest is not None
+        self.folder = cache.folder / self.key
+        self._manifest = manifest
+        self._files: dict[str, str] = {}
+        self._meta: dict[str, Any] = {}  # layer → which modules share an input, tokens seen
+        self._tmp = cache.folder / f".{self.key}.{os.getpid()}.tmp" if not self.hit else None
+
+    def record(self) -> dict[str, Any]:
+        return {"key": self.key, "hit": self.hit, "folder": str(self.folder)}
+
+    # ---------------------------------------------------------------------------------- reading
+    def load_layer(self, index: int, modules: Sequence[PrunableModule], needs: frozenset[str],
+                   device: torch.device) -> dict[str, InputStats]:
+        """Layer ``index``'s statistics for ``modules``, as the collector would have built them."""
+        if not self.hit:
+            raise RuntimeError("this entry is being written, not read")
+        name = f"layer-{index}.safetensors"
+        if name not in self._manifest["files"]:
+            if modules:
+                raise RuntimeError(f"stats cache {self.folder} has no statistics for layer {index}")
+            return {}
+        tensors = load_file(str(self.folder / name), device=str(device))
+        meta = self._manifest["layers"][str(index)]
+        stats: dict[str, InputStats] = {}
+        for mod in modules:
+            owner = meta["shared"].get(mod.name, mod.name)
+            if owner in stats:
+                stats[mod.name] = stats[owner]
+                continue
+            entry = InputStats(mod.in_features, needs, device)
+            for field in _FIELDS:
+                if getattr(entry, field) is not None:
+                    setattr(entry, field, tensors[f"{owner}.{field}"])
+            entry.ntokens = int(meta["ntokens"][owner])
+            stats[owner] = stats[mod.name] = entry
+        return stats
+
+    # ---------------------------------------------------------------------------------- writing
+    def save_layer(self, index: int, stats: Mapping[str, InputStats], shared: Mapping[str, str]) -> None:
+        """Write layer ``index``'s statistics (each shared object once) into the pending entry."""
+        if self._tmp is None:
+            raise RuntimeError("this entry was read back; it is not written again")
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        tensors, ntokens = {}, {}
+        for name, entry in stats.items():
+            if name in shared:
+                continue
+            ntokens[name] = entry.ntokens
+            for field in _FIELDS:
+                value = getattr(entry, field)
+                if value is not None:
+                    tensors[f"{name}.{field}"] = value.detach().to("cpu").contiguous()
+        file = f"layer-{index}.safetensors"
+        save_file(tensors, str(self._tmp / file))
+        self._files[file] = _sha256(self._tmp / file)
+        self._meta[str(index)] = {"shared": dict(shared), "ntokens": ntokens}
+
+    def commit(self) -> None:
+        """Write the manifest and move the entry into place (another job's identical entry wins)."""
+        if self._tmp is None or not self._tmp.exists():
+            return
+        manifest = {"format": FORMAT, "parts": self.parts, "files": self._files, "layers": self._meta}
+        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(self._tmp, self.folder)
+        except OSError:  # a complete entry is already there (a parallel job): keep that one
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
+
+    def discard(self) -> None:
+        """Remove a pending entry (the run failed before it was complete)."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+class StatsCache:
+    """``<folder>/<key>/``: one complete entry per key (see the module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+
+    @staticmethod
+    def key(parts: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def open(self, parts: Mapping[str, Any], layers: int) -> StatsEntry:
+        """The entry for ``parts``: a verified hit, or a fresh one to write."""
+        folder = self.folder / self.key(parts)
+        manifest = self._verified(folder, _normalised(parts)) if folder.is_dir() else None
+        if manifest is None and folder.exists():
+            shutil.rmtree(folder)  # unverifiable: inside the cache folder, recomputed now
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return StatsEntry(self, parts, layers, manifest)
+
+    @staticmethod
+    def _verified(folder: Path, parts: Any) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            if manifest.get("format") != FORMAT or manifest.get("parts") != parts:
+                log.warning("stats cache %s does not hold what its key names: computing it again", folder)
+                return None
+            for file, digest in manifest["files"].items():
+                if _sha256(folder / file) != digest:
+                    log.warning("stats cache %s: %s does not match its recorded sha256: computing it again", folder, file)
+                    return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("stats cache %s is unreadable (%s): computing it again", folder, err)
+            return None
+        return manifest

@@ -1,0 +1,122 @@
+"""Dense statistics shared by the non-sequential jobs of a sweep (``prunelab.prune.stats_cache``).
+
+The reference for every cached run is the same run with no cache at all: equal weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from prunelab.prune.engine import prune_model
+from prunelab.prune.methods import build_method
+from tiny_models import random_ids, tiny_llama
+
+NONSEQ = {"sequential": False}
+
+
+def _prune(model, method, ids, sparsity, cache_dir=None, engine=NONSEQ, pattern="unstructured"):
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned, build_method(method, {}), ids, sparsity, pattern, engine=engine, cache_dir=cache_dir)
+    return pruned, report
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("method,second", [("wanda", (0.7, "unstructured")), ("sparsegpt", (0.5, "2:4"))])
+def test_a_later_job_reads_the_dense_statistics_and_runs_no_forward(tmp_path, method, second):
+    model, ids = tiny_llama(num_hidden_layers=3), random_ids(4, 16)
+    _, first = _prune(model, method, ids, 0.5, tmp_path)
+    assert first.stats_cache["hit"] is False and first.layer_forwards == 3
+    sparsity, pattern = second
+    cached, report = _prune(model, method, ids, sparsity, tmp_path, pattern=pattern)
+    assert report.stats_cache == {**first.stats_cache, "hit": True}
+    assert report.layer_forwards == 0  # every layer solved from the stored statistics
+    reference, _ = _prune(model, method, ids, sparsity, pattern=pattern)  # no cache at all
+    assert _equal(cached, reference)
+
+
+def test_sequential_runs_and_other_inputs_never_share(tmp_path):
+    model, ids = tiny_llama(), random_ids(4, 16)
+    _, sequential = _prune(model, "wanda", ids, 0.5, tmp_path, engine={"sequential": True})
+    assert sequential.stats_cache is None  # each layer's inputs depend on the pruning before it
+    _, first = _prune(model, "wanda", ids, 0.5, tmp_path)
+    _, other_calibration = _prune(model, "wanda", random_ids(4, 16, seed=1), 0.5, tmp_path)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0
+    _, other_weights = _prune(changed, "wanda", ids, 0.5, tmp_path)
+    _, other_needs = _prune(model, "sparsegpt", ids, 0.5, tmp_path)
+    keys = {r.stats_cache["key"] for r in (first, other_calibration, other_weights, other_needs)}
+    assert len(keys) == 4 and not any(r.stats_cache["hit"] for r in (other_calibration, other_weights, other_needs))
+
+
+def test_a_corrupted_entry_is_recomputed_not_trusted(tmp_path, caplog):
+    model, ids = tiny_llama(), random_ids(4, 16)
+    _, first = _prune(model, "sparsegpt", ids, 0.5, tmp_path)
+    layer_file = tmp_path / "stats" / first.stats_cache["key"] / "layer-1.safetensors"
+    data = bytearray(layer_file.read_bytes())
+    data[-5] ^= 0xFF  # one bit pattern of one Hessian entry
+    layer_file.write_bytes(bytes(data))
+    pruned, again = _prune(model, "sparsegpt", ids, 0.6, tmp_path)
+    assert again.stats_cache["hit"] is False and "sha256" in caplog.text
+    reference, _ = _prune(model, "sparsegpt", ids, 0.6)
+    assert _equal(pruned, reference)
+    _, third = _prune(model, "sparsegpt", ids, 0.6, tmp_path)  # the rewritten entry is trusted again
+    assert third.stats_cache["hit"] is True
+
+
+def test_a_failed_run_leaves_no_entry(tmp_path):
+    model, ids = tiny_llama(num_hidden_layers=3), random_ids(4, 16)
+    method = build_method("wanda", {})
+    original, calls = method.prune, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 7:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    method.prune = failing
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(copy.deepcopy(model), method, ids, 0.5, engine=NONSEQ, cache_dir=tmp_path)
+    assert list((tmp_path / "stats").iterdir()) == []
+    _, report = _prune(model, "wanda", ids, 0.5, tmp_path)
+    assert report.stats_cache["hit"] is False
+
+
+def test_stored_statistics_are_the_inputs_sums(tmp_path):
+    """Layer 0's q/k/v input is the normed embedding: its X Xᵀ and token count, computed by hand."""
+    from prunelab.models.adapters import get_adapter
+    from prunelab.prune.stats import HESSIAN
+    from prunelab.prune.stats_cache import StatsCache
+
+    model, ids = tiny_llama(num_hidden_layers=2), random_ids(4, 16)
+    _, report = _prune(model, "sparsegpt", ids, 0.5, tmp_path, engine={**NONSEQ, "batch_size": 2})
+    manifest = json.loads((tmp_path / "stats" / report.stats_cache["key"] / "manifest.json").read_text())
+    entry = StatsCache(tmp_path / "stats").open(manifest["parts"], 2)  # the parts it was stored under
+    assert entry.hit
+    modules = [m for m in get_adapter(model).prunable_modules(0) if m.name.startswith("self_attn.")]
+    stats = entry.load_layer(0, modules, frozenset({HESSIAN}), torch.device("cpu"))
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        x = x.reshape(-1, x.shape[-1])
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert stats[name].ntokens == 64
+        torch.testing.assert_close(stats[name].hessian, x.t() @ x, rtol=1e-5, atol=1e-5)
+    assert stats["self_attn.k_proj"] is stats["self_attn.q_proj"]  # one shared input, one object
+
+
+def test_share_stats_false_and_frozen_masks_keep_the_cache_out(tmp_path):
+    model, ids = tiny_llama(), random_ids(4, 16)
+    _, off = _prune(model, "wanda", ids, 0.5, tmp_path, engine={**NONSEQ, "share_stats": False})
+    frozen = {f"model.layers.0.mlp.up_proj.weight": torch.ones_like(model.model.layers[0].mlp.up_proj.weight, dtype=torch.bool)}
+    report = prune_model(copy.deepcopy(model), build_method("wanda", {}), ids, 0.5, engine=NONSEQ, frozen=frozen,
+                         cache_dir=tmp_path)
+    assert off.stats_cache is None and report.stats_cache is None
+    assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []
