@@ -115,7 +115,7 @@ def test_stored_statistics_are_the_inputs_sums(tmp_path):
 def test_share_stats_false_and_frozen_masks_keep_the_cache_out(tmp_path):
     model, ids = tiny_llama(), random_ids(4, 16)
     _, off = _prune(model, "wanda", ids, 0.5, tmp_path, engine={**NONSEQ, "share_stats": False})
-    frozen = {f"model.layers.0.mlp.up_proj.weight": torch.ones_like(model.model.layers[0].mlp.up_proj.weight, dtype=torch.bool)}
+    frozen = {"model.layers.0.mlp.up_proj.weight": torch.ones_like(model.model.layers[0].mlp.up_proj.weight, dtype=torch.bool)}
     report = prune_model(copy.deepcopy(model), build_method("wanda", {}), ids, 0.5, engine=NONSEQ, frozen=frozen,
                          cache_dir=tmp_path)
     assert off.stats_cache is None and report.stats_cache is None
