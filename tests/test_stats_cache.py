@@ -120,3 +120,14 @@ def test_share_stats_false_and_frozen_masks_keep_the_cache_out(tmp_path):
                          cache_dir=tmp_path)
     assert off.stats_cache is None and report.stats_cache is None
     assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []
+
+
+def test_a_norm_outside_the_targets_changes_the_key(tmp_path):
+    """Layer norms are never pruned but shape every Linear's input: they are part of the key."""
+    model, ids = tiny_llama(), random_ids(4, 16)
+    _, first = _prune(model, "wanda", ids, 0.5, tmp_path)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].input_layernorm.weight.mul_(2.0)
+    _, second = _prune(changed, "wanda", ids, 0.5, tmp_path)
+    assert second.stats_cache["hit"] is False and second.stats_cache["key"] != first.stats_cache["key"]

@@ -223,7 +223,7 @@ class LayerwisePruner:
         """What a walk over the unpruned model reads: the cache keys' common parts."""
         if self._weights is None:
             with self.timer("cache_key"):
-                self._weights = weights_digest(self.selected)
+                self._weights = weights_digest(self.model)
         dtype = str(self.selected[0].get_weight().dtype) if self.selected else None
         return {"weights": self._weights, "calibration": self._calib_fingerprint, "batch_size": self.settings.batch_size,
                 "device": str(self.device), "dtype": dtype, "layers": self.adapter.num_layers,

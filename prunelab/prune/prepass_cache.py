@@ -6,8 +6,8 @@ Every OWL job of a sweep with the same model, calibration and method walks the s
 same windows, so the ratios are the same numbers; the first job stores them under
 ``<cache_dir>/prepass/<key>.json`` and the others read them.
 
-"Provably the same": the key hashes what the pass reads: the sha256 of the targeted weights *as they
-are when the pass runs* (a fine-tuned or pruned model, as in an iterative schedule's later steps,
+"Provably the same": the key hashes what the pass reads: the sha256 of all the model's weights *as
+they are when the pass runs* (a fine-tuned or pruned model, as in an iterative schedule's later steps,
 never matches the dense one), the calibration windows' fingerprint, the method and its parameters,
 the statistics it asks for, the reduction (OWL's M), the batch size, device and dtype. A stored
 file is trusted only when it holds exactly these parts and one value per layer; anything else is
@@ -26,21 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from prunelab.models.adapters import PrunableModule
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 
 
-def weights_digest(modules: Sequence[PrunableModule]) -> str:
-    """sha256 over the modules' names, shapes, dtypes and weight bytes, in order."""
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict (names, shapes, dtypes, bytes), in order.
+
+    Not only the targeted Linears: norms, embeddings and modules left unpruned shape the inputs too.
+    """
     digest = hashlib.sha256()
-    for module in modules:
-        weight = module.get_weight().detach().to("cpu").contiguous()
-        digest.update(f"{module.full_name}|{tuple(weight.shape)}|{weight.dtype}|".encode())
-        digest.update(weight.view(torch.uint8).numpy().tobytes() if weight.numel() else b"")
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -6,7 +6,7 @@ the pattern or the allocation of the job: a sweep over those computes the same n
 The first job stores them, one safetensors file per layer, under ``<cache_dir>/stats/<key>/``; the
 next ones read them and run no forward pass at all.
 
-"Provably the same": the key hashes what the statistics depend on: the sha256 of the targeted
+"Provably the same": the key hashes what the statistics depend on: the sha256 of all the model's
 weights as they are when the run starts (a fine-tuned or already pruned model never matches the
 dense one), the calibration windows' fingerprint, the statistics asked for (``needs``), the batch
 size, device and dtype, the targeted and skipped modules. An entry is written into a temporary
