@@ -7,6 +7,7 @@ timer adds up repeated phases) so a failure names the phase it happened in.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -74,7 +75,8 @@ class StreamedPruneStep:
 
     The model is never loaded whole (``prunelab.prune.engine.prune_streamed``); only the tokenizer
     is, for the calibration windows. Returns the run's metrics: ``pruning`` (with ``streamed``: what
-    was read and written) and ``sparsity``, measured on each layer before it left memory.
+    was read and written), ``sparsity``, measured on each layer before it left memory, and the
+    ``perplexity`` of the written model, scored layer by layer from disk when the preset asks for it.
     """
 
     def __init__(self, cfg: PrunelabConfig, method: Any, pattern: Pattern, payload: dict[str, Any], timer: Any,
@@ -106,7 +108,21 @@ class StreamedPruneStep:
                                     cfg.allocation, cfg.prune, dtype).to_dict()
         if not report["summary"]["nm_ok"]:
             raise RuntimeError(f"N:M check failed after pruning: {report['summary']['nm_violations']}")
-        return {"pruning": report, "sparsity": report.pop("summary")}
+        metrics = {"pruning": report, "sparsity": report.pop("summary")}
+        ppl = cfg.eval.perplexity
+        if ppl.enabled:
+            from prunelab.data.tokens import eval_stream
+            from prunelab.eval.perplexity import perplexity_streamed
+
+            seqlen = int(ppl.seqlen or json.loads((self.out / "config.json").read_text())["max_position_embeddings"])
+            device = resolve_device(str(cfg.device))
+            metrics["perplexity"] = {}
+            with self.timer("perplexity"):
+                for name in ppl.datasets:
+                    stream = eval_stream(sources.eval_source(name, cfg.data_root), tokenizer, seqlen)
+                    metrics["perplexity"][name] = perplexity_streamed(self.out, stream, seqlen, ppl.max_windows,
+                                                                      ppl.batch_size, device, dtype)
+        return metrics
 
 
 def target_masks(model: torch.nn.Module, cfg: PrunelabConfig) -> dict[str, torch.Tensor]:

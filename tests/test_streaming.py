@@ -152,7 +152,8 @@ def test_the_cli_streams_a_local_model_into_the_run_folder(tmp_path, cache_dir, 
 
     run_dir = tmp_path / "run"
     calib = {"source": "c4", "nsamples": 2, "seqlen": 64, "seed": 0}
-    proc = run_cli("model=hf", f"model.path={tiny_hf_dir}", "model.stream=true", "method=sparsegpt", "eval=none",
+    proc = run_cli("model=hf", f"model.path={tiny_hf_dir}", "model.stream=true", "method=sparsegpt", "eval=stream",
+                   "eval.perplexity.seqlen=64", "eval.perplexity.max_windows=3",
                    *(f"calib.{k}={v}" for k, v in calib.items()), "logger=none", f"hydra.run.dir={run_dir}",
                    cache_dir=cache_dir, data_root=data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -163,14 +164,26 @@ def test_the_cli_streams_a_local_model_into_the_run_folder(tmp_path, cache_dir, 
     # the same pruning in memory, on the same calibration windows
     ids, _ = get_calibration(default_tokenizer, calib, data_root, cache_dir)
     reference, _ = _in_memory(tiny_hf_dir, "sparsegpt", ids, 0.5)
-    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(run_dir / "model"))
+    pruned = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    _same_tensors(reference, pruned)
     assert (run_dir / "model" / "tokenizer.json").is_file()
+    # the layer-by-layer perplexity of the written model equals the in-memory one on the same windows
+    from prunelab.data import sources
+    from prunelab.data.tokens import eval_stream
+    from prunelab.eval.perplexity import perplexity
+
+    scored = results["metrics"]["perplexity"]["wikitext2"]
+    stream = eval_stream(sources.eval_source("wikitext2", str(data_root)), default_tokenizer, 64)
+    expected = perplexity(pruned, stream, 64, max_windows=3)
+    assert scored["streamed"] and scored["windows"] == 3 and scored["fingerprint"] == expected["fingerprint"]
+    assert scored["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (["method=wanda"], "add eval=none"),
+        (["method=wanda"], "use eval=stream"),
+        (["method=wanda", "eval=zeroshot"], "cannot run zeroshot, size"),
         (["method=dense", "eval=none"], "choose a method"),
         (["method=magnitude", "eval=none", "finetune=masked"], "finetune=masked"),
         (["method=magnitude", "eval=none", "prune.save_masks=true"], "prune.save_masks=false"),
@@ -184,3 +197,21 @@ def test_stream_settings_that_cannot_work_fail_before_loading(overrides, needle)
 
     with pytest.raises(ConfigError, match=needle):
         validate(_compose("model.stream=true", *overrides))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
+def test_streamed_perplexity_equals_the_in_memory_one(tmp_path, family):
+    """Layer by layer from disk, then the model's own norm, head and soft-capping: the same NLLs."""
+    from prunelab.data.tokens import TokenStream
+    from prunelab.eval.perplexity import perplexity, perplexity_streamed
+
+    model = BUILDERS[family]()
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 5.0  # the head's soft-capping must run too
+    source = _save(model, tmp_path / "src")
+    stream = TokenStream("toy", random_ids(1, 5 * 24 + 7, seed=3), "toy protocol", "test")
+    expected = perplexity(AutoModelForCausalLM.from_pretrained(source), stream, 24, max_windows=4, batch_size=2)
+    got = perplexity_streamed(source, stream, 24, max_windows=4, batch_size=2)
+    assert got["window_mean_nll"] == pytest.approx(expected["window_mean_nll"], rel=1e-5)
+    assert {k: v for k, v in got.items() if k not in ("window_mean_nll", "ppl", "mean_nll", "streamed")} == \
+        {k: v for k, v in expected.items() if k not in ("window_mean_nll", "ppl", "mean_nll")}

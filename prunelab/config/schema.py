@@ -476,10 +476,11 @@ def validate_stream(cfg: DictConfig) -> None:
     if busy:
         raise ConfigError(f"model.stream=true never holds the whole model, which {', '.join(busy)} needs; "
                           f"leave schedule=oneshot finetune=none structure=none")
-    evals = [name for name in ("perplexity", "zeroshot", "latency", "size") if cfg.eval[name].enabled]
+    evals = [name for name in ("zeroshot", "latency", "size") if cfg.eval[name].enabled]
     if evals:
-        raise ConfigError(f"model.stream=true cannot evaluate a model it never holds ({', '.join(evals)} enabled): add "
-                          f"eval=none, then evaluate <run>/model with model=hf model.path=<run>/model where it fits")
+        raise ConfigError(f"model.stream=true scores perplexity layer by layer but cannot run {', '.join(evals)} on a "
+                          f"model it never holds: use eval=stream (quick perplexity) or eval=none, and evaluate "
+                          f"<run>/model with model=hf model.path=<run>/model where it fits")
     if cfg.prune.save_masks:
         raise ConfigError("model.stream=true cannot keep every mask in memory: set prune.save_masks=false "
                           "(the zeros in <run>/model are the mask)")

@@ -2,12 +2,19 @@
 
 The token stream is cut into ``numel // seqlen`` windows of ``seqlen`` tokens; each window is
 scored independently (no context carried over) and PPL = exp(mean NLL over every predicted token).
+
+:func:`perplexity` scores a model in memory; :func:`perplexity_streamed` scores a checkpoint that
+is never loaded whole (``model.stream=true``): the windows go through the decoder layers one layer
+at a time, each read from disk (the layer conveyor, ``prunelab.prune.walk``), then through the
+model's own final norm and head (``prunelab.prune.capture.replay_outputs``). The same windows, the
+same record.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -33,23 +40,36 @@ def perplexity(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``stream`` in windows of ``seqlen`` tokens and return PPL with its protocol record."""
+    ids, total_windows = _windows(stream, seqlen, max_windows)
+    device = model_device(model)
+    window_nll: list[float] = []
+    for start in show_progress(range(0, len(ids), batch_size), desc=f"perplexity {stream.name}", unit="batch", enabled=progress):
+        batch = ids[start : start + batch_size].to(device)
+        window_nll.extend(_window_nll(model(input_ids=batch, use_cache=False).logits, batch))
+    return _record(stream, seqlen, total_windows, window_nll)
+
+
+def _windows(stream: TokenStream, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
+    """The scored windows ``[windows, seqlen]`` and how many the whole stream holds."""
     total_windows = stream.numel // seqlen
     if total_windows == 0:
         raise ValueError(f"{stream.name}: {stream.numel} tokens are fewer than one window of seqlen={seqlen}")
     windows = total_windows if max_windows is None else min(max_windows, total_windows)
-    device = model_device(model)
-    ids = stream.ids[0, : windows * seqlen].view(windows, seqlen)
-    window_nll: list[float] = []
-    count = 0
-    for start in show_progress(range(0, windows, batch_size), desc=f"perplexity {stream.name}", unit="batch", enabled=progress):
-        batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        shift_logits = logits[:, :-1, :].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(shift_logits.transpose(1, 2), targets, reduction="none")  # [batch, seqlen - 1]
-        window_nll.extend(nll.mean(dim=1).tolist())
-        count += targets.numel()
-    mean_nll = sum(window_nll) / len(window_nll)  # every window predicts seqlen - 1 tokens
+    return stream.ids[0, : windows * seqlen].view(windows, seqlen), total_windows
+
+
+def _window_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Mean NLL of each window's next-token predictions."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = batch[:, 1:].to(logits.device)
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), targets, reduction="none")  # [batch, seqlen - 1]
+    return nll.mean(dim=1).tolist()
+
+
+def _record(stream: TokenStream, seqlen: int, total_windows: int, window_nll: list[float]) -> dict[str, Any]:
+    windows = len(window_nll)
+    count = windows * (seqlen - 1)
+    mean_nll = sum(window_nll) / windows  # every window predicts seqlen - 1 tokens
     result = {
         "ppl": math.exp(mean_nll),
         "mean_nll": mean_nll,
@@ -66,3 +86,44 @@ def perplexity(
     }
     log.info("%s ppl %.3f (%d windows of %d)", stream.name, result["ppl"], windows, seqlen)
     return result
+
+
+@torch.inference_mode()
+def perplexity_streamed(
+    folder: str | os.PathLike,
+    stream: TokenStream,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """:func:`perplexity` of the checkpoint in ``folder`` with one decoder layer in memory at a time.
+
+    Memory holds one layer, the embeddings and head, and every scored window's hidden states
+    (windows x seqlen x hidden); cap ``max_windows`` for a big model.
+    """
+    from prunelab.models.streaming import StreamedLayers, open_streamed
+    from prunelab.prune.capture import replay_outputs
+    from prunelab.prune.walk import LayerWalk
+
+    device = torch.device(device)
+    ids, total_windows = _windows(stream, seqlen, max_windows)
+    streamed = open_streamed(folder, dtype, head=True)
+    walk = LayerWalk(streamed.adapter, device, residence=StreamedLayers(streamed, None))
+    batches = list(ids.split(batch_size))
+    walk.capture(batches)
+    finals = walk.run(walk.forward, desc=f"perplexity {stream.name} (layer by layer)")
+    window_nll: list[float] = []
+    model = streamed.model
+    with replay_outputs(streamed.adapter) as give:
+        model.to(device)
+        try:
+            for batch, hidden in zip(batches, finals):
+                give(hidden)
+                window_nll.extend(_window_nll(model(input_ids=batch.to(device), use_cache=False).logits, batch))
+        finally:
+            model.to("cpu")
+    record = _record(stream, seqlen, total_windows, window_nll)
+    record["streamed"] = True
+    return record

@@ -72,8 +72,10 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.
     set_module_tensor_to_device(module, name, "cpu", value=value)
 
 
-def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StreamedModel:
+def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, head: bool = False) -> StreamedModel:
     """The model in ``folder`` (config.json + safetensors) with no decoder layer in memory.
+
+    ``head``: also give the LM head (everything outside the backbone) real weights, for logits.
 
     Raises:
         prunelab.io.shards.ShardError: the folder holds no safetensors checkpoint, or lacks a tensor
@@ -93,7 +95,10 @@ def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32)
     adapter = get_adapter(model)
     layers = adapter.layers_path + "."
     backbone = adapter.backbone_path + "." if adapter.backbone_path else ""
-    outside = [name for name in model.state_dict() if name.startswith(backbone) and not name.startswith(layers)]
+    outside = [name for name in model.state_dict()
+               if (head or name.startswith(backbone)) and not name.startswith(layers)]
+    if getattr(config, "tie_word_embeddings", False):
+        outside = [name for name in outside if name in reader.weight_map or not name.startswith("lm_head.")]
     missing = [name for name in outside if name not in reader.weight_map]
     if missing:
         raise ShardError(f"{folder}: the checkpoint lacks {', '.join(missing[:3])} (its tensor names must be the model's own)")

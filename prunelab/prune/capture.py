@@ -14,7 +14,8 @@ shape and shared by the later ones, so the engine keeps one set of masks, not on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +57,14 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index``: records its arguments, returns the hidden states."""
+class _StandIn(nn.Module):
+    """Takes decoder layer ``index``'s place in the backbone without computing it."""
 
-    def __init__(self, index: int, layer: nn.Module, sink: "_Sink"):
+    def __init__(self, index: int, layer: nn.Module):
         super().__init__()
         self.index = index
-        # Plain attributes (not submodules): moving the backbone must not move the real layer.
+        # A plain attribute (not a submodule): moving the backbone must not move the real layer.
         object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_sink", sink)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -73,6 +73,14 @@ class _Recorder(nn.Module):
             # A backbone that reads a layer attribute (e.g. ``attention_type``) gets the real one.
             return getattr(object.__getattribute__(self, "_layer"), name)
 
+
+class _Recorder(_StandIn):
+    """Records the layer's arguments, returns the hidden states."""
+
+    def __init__(self, index: int, layer: nn.Module, sink: "_Sink"):
+        super().__init__(index, layer)
+        object.__setattr__(self, "_sink", sink)
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             hidden, rest = args[0], tuple(args[1:])
@@ -80,6 +88,23 @@ class _Recorder(nn.Module):
             hidden, rest = kwargs.pop("hidden_states"), ()
         self._sink.record(self.index, hidden, rest, kwargs)
         return hidden
+
+
+class _Replay(_StandIn):
+    """Layer 0 returns the given last-layer output; the others hand it on."""
+
+    def __init__(self, index: int, layer: nn.Module, given: list[torch.Tensor | None]):
+        super().__init__(index, layer)
+        object.__setattr__(self, "_given", given)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.index > 0:
+            return hidden
+        given = self._given[0]
+        if given is None or given.shape != hidden.shape:
+            raise RuntimeError("replay: set the batch's last-layer output (of the batch's shape) before the forward")
+        return given
 
 
 class _Sink:
@@ -109,6 +134,23 @@ class _Sink:
             raise RuntimeError(f"the backbone did not call decoder layers {missing}; cannot prune them layer by layer")
         for index, call in enumerate(recorded):
             self.calls[index].append(call)
+
+
+@contextmanager
+def replay_outputs(adapter: DecoderAdapter) -> Iterator[Callable[[torch.Tensor], None]]:
+    """Let the model's own forward turn last-layer outputs computed elsewhere into logits.
+
+    The decoder layers are swapped for stand-ins for the duration of the block: the first returns
+    the hidden states given through the yielded setter, the others pass them on, so the backbone's
+    final norm, the LM head and any logit soft-capping run exactly as in a plain forward.
+    """
+    given: list[torch.Tensor | None] = [None]
+    layers = adapter.layers
+    _set_path(adapter.backbone, adapter.spec.layers, nn.ModuleList([_Replay(i, layer, given) for i, layer in enumerate(layers)]))
+    try:
+        yield lambda hidden: given.__setitem__(0, hidden)
+    finally:
+        _set_path(adapter.backbone, adapter.spec.layers, layers)
 
 
 def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
