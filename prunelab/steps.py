@@ -90,22 +90,28 @@ class StreamedPruneStep:
         from transformers import AutoTokenizer
 
         from prunelab.models.loading import resolve_device, resolve_dtype
-        from prunelab.models.streaming import source_folder
-        from prunelab.prune.engine import prune_streamed
+        from prunelab.models.streaming import open_streamed, source_folder
+        from prunelab.prune.engine import check_pattern_fits, prune_streamed
 
         cfg = self.cfg
+        dtype = resolve_dtype(cfg.model.dtype, resolve_device(str(cfg.prune.device)))
         with self.timer("load"):
             folder, self.payload["model_source"] = source_folder(cfg.model, cfg.cache_dir)
             if self.out.resolve() == folder.resolve():
                 raise ConfigError(f"model.path={folder} is this run's own output folder; stream from another folder")
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+            skeleton = open_streamed(folder, dtype, trust_remote_code=cfg.model.trust_remote_code)
+        with self.timer("check_pattern"):
+            try:
+                check_pattern_fits(skeleton.model, self.pattern, cfg.prune.targets, cfg.prune.skip)
+            except ValueError as error:  # the widths are known once the config is read
+                raise ConfigError(str(error)) from None
         calib_ids = calibration_windows(tokenizer, cfg, self.payload, self.timer) if needs_calibration(self.method) else None
         if self.out.exists():  # an earlier attempt of this run (its results are not complete, or redo=true)
             shutil.rmtree(self.out)
-        dtype = resolve_dtype(cfg.model.dtype, resolve_device(str(cfg.prune.device)))
         with self.timer("prune"):
-            report = prune_streamed(folder, self.out, self.method, calib_ids, float(cfg.sparsity), self.pattern,
-                                    cfg.allocation, cfg.prune, dtype).to_dict()
+            report = prune_streamed(skeleton, self.out, self.method, calib_ids, float(cfg.sparsity), self.pattern,
+                                    cfg.allocation, cfg.prune).to_dict()
         if not report["summary"]["nm_ok"]:
             raise RuntimeError(f"N:M check failed after pruning: {report['summary']['nm_violations']}")
         metrics = {"pruning": report, "sparsity": report.pop("summary")}
@@ -121,7 +127,8 @@ class StreamedPruneStep:
                 for name in ppl.datasets:
                     stream = eval_stream(sources.eval_source(name, cfg.data_root), tokenizer, seqlen)
                     metrics["perplexity"][name] = perplexity_streamed(self.out, stream, seqlen, ppl.max_windows,
-                                                                      ppl.batch_size, device, dtype)
+                                                                      ppl.batch_size, device, dtype,
+                                                                      cfg.model.trust_remote_code)
         return metrics
 
 

@@ -6,6 +6,7 @@ same tensors bit for bit, load with plain ``from_pretrained``, and never have tw
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -34,6 +35,7 @@ def _in_memory(folder, method, ids, sparsity, **kwargs):
 def _same_tensors(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
+    assert all(sa[k].dtype == sb[k].dtype for k in sa)
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"tensors differ: {different[:4]}"
 
@@ -52,7 +54,7 @@ def test_streamed_pruning_writes_what_the_in_memory_engine_computes(tmp_path, me
     assert report.summary.per_module == pytest.approx(measured.per_module)
     assert report.summary.model_fraction == pytest.approx(measured.model_fraction)
     assert report.summary.overall == pytest.approx(ref_report.summary.overall)
-    assert report.summary.nm_ok and report.streamed["shards"] == 3 + 1
+    assert report.summary.nm_ok and report.streamed["shards"] == 3 + 3  # layers; embeddings, norm, head
     assert report.layer_forwards == ref_report.layer_forwards
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, pruned(ids).logits)
@@ -126,13 +128,13 @@ def test_an_interrupted_stream_leaves_no_loadable_output(tmp_path):
     method.prune = failing
     with pytest.raises(_Boom):
         prune_streamed(source, tmp_path / "out", method, None, 0.5)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00004.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00006.safetensors"]
     with pytest.raises(ShardError, match="neither"):
         ShardReader(tmp_path / "out")
     with pytest.raises((OSError, ValueError)):  # no config.json, no index: nothing to load
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
     with pytest.raises(FileExistsError):  # a finished output is never overwritten
-        prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
         prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
 
 
@@ -141,7 +143,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused_before_pruning(tmp_path):
     index = json.loads((source / INDEX).read_text())
     del index["weight_map"]["model.norm.weight"]
     (source / INDEX).write_text(json.dumps(index))
-    with pytest.raises(ShardError, match="model.norm.weight"):
+    with pytest.raises(ShardError, match="no tensor for model.norm.weight"):
         prune_streamed(source, tmp_path / "out", build_method("magnitude", {}), None, 0.5)
     assert not (tmp_path / "out").exists()
 
@@ -188,6 +190,7 @@ def test_the_cli_streams_a_local_model_into_the_run_folder(tmp_path, cache_dir, 
         (["method=magnitude", "eval=none", "finetune=masked"], "finetune=masked"),
         (["method=magnitude", "eval=none", "prune.save_masks=true"], "prune.save_masks=false"),
         (["method=wanda", "eval=none", "model=hf", "model.path=some-org/some-model"], "local folder"),
+        (["method=magnitude", "method.params.scope=global", "eval=none"], "scope=layer"),
     ],
 )
 def test_stream_settings_that_cannot_work_fail_before_loading(overrides, needle):
@@ -215,3 +218,68 @@ def test_streamed_perplexity_equals_the_in_memory_one(tmp_path, family):
     assert got["window_mean_nll"] == pytest.approx(expected["window_mean_nll"], rel=1e-5)
     assert {k: v for k, v in got.items() if k not in ("window_mean_nll", "ppl", "mean_nll", "streamed")} == \
         {k: v for k, v in expected.items() if k not in ("window_mean_nll", "ppl", "mean_nll")}
+
+
+def test_released_layers_leave_memory(tmp_path, monkeypatch):
+    """No reference keeps a released layer's tensors alive: each is freed before the next layer loads."""
+    import gc
+    import weakref
+
+    source = _save(tiny_llama(num_hidden_layers=3), tmp_path / "src")
+    alive_at_load = []
+    refs: list = []
+    load = streaming.StreamedLayers.load
+
+    def watching_load(self, index, layer):
+        gc.collect()
+        alive_at_load.append(sum(ref() is not None for ref in refs))
+        load(self, index, layer)
+        refs.extend(weakref.ref(p) for p in layer.parameters())
+        refs.extend(weakref.ref(p.data) for p in layer.parameters())
+
+    monkeypatch.setattr(streaming.StreamedLayers, "load", watching_load)
+    prune_streamed(source, tmp_path / "out", build_method("sparsegpt", {}), random_ids(2, 16), 0.5)
+    gc.collect()
+    assert alive_at_load == [0, 0, 0] and all(ref() is None for ref in refs)
+
+
+def test_a_checkpoint_without_the_base_model_prefix_streams(tmp_path):
+    """Older checkpoints (GPT-2's on the hub) store 'h.0...' where the model says 'transformer.h.0...'."""
+    from safetensors.torch import load_file, save_file
+
+    model = BUILDERS["gpt2"]()
+    model.save_pretrained(tmp_path / "src")
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(tmp_path / "src" / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = random_ids(2, 16)
+    reference = copy.deepcopy(model)
+    prune_model(reference, build_method("wanda", {}), ids, 0.5)
+    prune_streamed(tmp_path / "src", tmp_path / "out", build_method("wanda", {}), ids, 0.5)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+
+
+def test_a_bf16_checkpoint_is_pruned_in_the_dtype_asked_for(tmp_path):
+    source = _save(tiny_llama().to(torch.bfloat16), tmp_path / "src")
+    ids = random_ids(2, 16)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    prune_model(reference, build_method("wanda", {}), ids, 0.5)
+    prune_streamed(source, tmp_path / "out", build_method("wanda", {}), ids, 0.5, dtype=torch.float32)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_broken_nm_pattern_leaves_no_loadable_output(tmp_path):
+    source = _save(tiny_llama(), tmp_path / "src")
+    method = build_method("magnitude", {})
+    original = method.prune
+
+    def leaky(weight, stats, sparsity, pattern, **kwargs):
+        result = original(weight, stats, sparsity, pattern, **kwargs)
+        result.weight[0, :4] = 1.0  # one group of four with no zero
+        return result
+
+    method.prune = leaky
+    with pytest.raises(RuntimeError, match="N:M check failed"):
+        prune_streamed(source, tmp_path / "out", method, None, 0.5, "2:4")
+    assert not (tmp_path / "out" / INDEX).exists()

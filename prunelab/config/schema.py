@@ -481,6 +481,12 @@ def validate_stream(cfg: DictConfig) -> None:
         raise ConfigError(f"model.stream=true scores perplexity layer by layer but cannot run {', '.join(evals)} on a "
                           f"model it never holds: use eval=stream (quick perplexity) or eval=none, and evaluate "
                           f"<run>/model with model=hf model.path=<run>/model where it fits")
+    if str((cfg.method.params or {}).get("scope", "layer")) == "global":
+        raise ConfigError("model.stream=true sees one layer at a time, so a global ranking across layers cannot run: "
+                          "set method.params.scope=layer")
+    if cfg.model.revision:
+        raise ConfigError(f"model.stream=true reads a local folder; model.revision={cfg.model.revision} names a hub "
+                          f"revision: download it first (huggingface-cli download ... --revision {cfg.model.revision})")
     if cfg.prune.save_masks:
         raise ConfigError("model.stream=true cannot keep every mask in memory: set prune.save_masks=false "
                           "(the zeros in <run>/model are the mask)")

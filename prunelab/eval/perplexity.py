@@ -97,6 +97,7 @@ def perplexity_streamed(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """:func:`perplexity` of the checkpoint in ``folder`` with one decoder layer in memory at a time.
 
@@ -109,7 +110,7 @@ def perplexity_streamed(
 
     device = torch.device(device)
     ids, total_windows = _windows(stream, seqlen, max_windows)
-    streamed = open_streamed(folder, dtype, head=True)
+    streamed = open_streamed(folder, dtype, head=True, trust_remote_code=trust_remote_code)
     walk = LayerWalk(streamed.adapter, device, residence=StreamedLayers(streamed, None))
     batches = list(ids.split(batch_size))
     walk.capture(batches)

@@ -40,15 +40,26 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 @dataclass
 class StreamedModel:
-    """A model skeleton and the checkpoint its weights are read from."""
+    """A model skeleton and the checkpoint its weights are read from.
+
+    Attributes:
+        names: every tensor the model saves (its ``state_dict`` names, a tied head left out when the
+            checkpoint has none) → that tensor's name in the checkpoint (the same, or without the
+            ``base_model_prefix``, as older checkpoints such as GPT-2's store them).
+    """
 
     model: nn.Module
     adapter: DecoderAdapter
     reader: ShardReader
     dtype: torch.dtype
+    names: dict[str, str]
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.adapter.layers_path}.{index}."
+
+    def outside_layers(self) -> list[str]:
+        layers = self.adapter.layers_path + "."
+        return [name for name in self.names if not name.startswith(layers)]
 
 
 def source_folder(model_cfg: ModelConfig, cache_dir: str | os.PathLike) -> tuple[Path, dict[str, object]]:
@@ -72,14 +83,17 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.
     set_module_tensor_to_device(module, name, "cpu", value=value)
 
 
-def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, head: bool = False) -> StreamedModel:
+def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, head: bool = False,
+                  trust_remote_code: bool = False) -> StreamedModel:
     """The model in ``folder`` (config.json + safetensors) with no decoder layer in memory.
 
-    ``head``: also give the LM head (everything outside the backbone) real weights, for logits.
+    ``head``: also give the LM head (everything outside the backbone) real weights, for logits. A
+    checkpoint stored in another dtype than ``dtype`` has its embeddings (and head) converted,
+    which holds them in memory; in their own dtype they stay memory-mapped.
 
     Raises:
         prunelab.io.shards.ShardError: the folder holds no safetensors checkpoint, or lacks a tensor
-            the model needs outside its layers.
+            the model saves.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -88,26 +102,36 @@ def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     folder = Path(folder)
     reader = ShardReader(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     adapter = get_adapter(model)
-    layers = adapter.layers_path + "."
-    backbone = adapter.backbone_path + "." if adapter.backbone_path else ""
-    outside = [name for name in model.state_dict()
-               if (head or name.startswith(backbone)) and not name.startswith(layers)]
-    if getattr(config, "tie_word_embeddings", False):
-        outside = [name for name in outside if name in reader.weight_map or not name.startswith("lm_head.")]
-    missing = [name for name in outside if name not in reader.weight_map]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    names: dict[str, str] = {}
+    missing = []
+    for name in model.state_dict():
+        if name in reader.weight_map:
+            names[name] = name
+        elif prefix != "." and name.startswith(prefix) and name[len(prefix):] in reader.weight_map:
+            names[name] = name[len(prefix):]
+        elif not (tied and name.startswith("lm_head.")):
+            missing.append(name)
     if missing:
-        raise ShardError(f"{folder}: the checkpoint lacks {', '.join(missing[:3])} (its tensor names must be the model's own)")
-    for name, value in reader.read(outside).items():
-        _set_tensor(model, name, value, dtype)
-    if getattr(config, "tie_word_embeddings", False):
+        raise ShardError(f"{folder}: the checkpoint has no tensor for {', '.join(missing[:3])}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} (its names must be the model's, "
+                         f"with or without the '{prefix[:-1]}.' prefix)")
+    streamed = StreamedModel(model=model, adapter=adapter, reader=reader, dtype=dtype, names=names)
+    backbone = adapter.backbone_path + "." if adapter.backbone_path else ""
+    needed = [name for name in streamed.outside_layers() if head or name.startswith(backbone)]
+    tensors = reader.read(names[name] for name in needed)
+    for name in needed:
+        _set_tensor(model, name, tensors.pop(names[name]), dtype)
+    if tied:
         model.tie_weights()
     log.info("opened %s for streaming: %d decoder layers read one at a time (%s)", folder, adapter.num_layers, dtype)
-    return StreamedModel(model=model, adapter=adapter, reader=reader, dtype=dtype)
+    return streamed
 
 
 class StreamedLayers:
@@ -126,8 +150,9 @@ class StreamedLayers:
     def __init__(self, streamed: StreamedModel, out: str | os.PathLike | None):
         self.streamed = streamed
         self.out = Path(out) if out is not None else None
-        num_layers = streamed.adapter.num_layers
-        self.writer = ShardWriter(self.out, num_layers + 1) if self.out is not None else None
+        # one shard per decoder layer, then one per tensor outside them (each converted on its own)
+        shards = streamed.adapter.num_layers + len(streamed.outside_layers())
+        self.writer = ShardWriter(self.out, shards) if self.out is not None else None
         self.written: set[int] = set()
         self.resident: set[int] = set()
         self.resident_max = 0
@@ -138,14 +163,20 @@ class StreamedLayers:
         """Read layer ``index``'s weights from the checkpoint into ``layer`` (on the CPU)."""
         prefix = self.streamed.layer_prefix(index)
         names = list(layer.state_dict())
-        tensors = self.streamed.reader.read(prefix + name for name in names)
+        stored = {name: self.streamed.names[prefix + name] for name in names}
+        tensors = self.streamed.reader.read(stored.values())
         for name in names:
-            _set_tensor(layer, name, tensors[prefix + name], self.streamed.dtype)
+            _set_tensor(layer, name, tensors.pop(stored[name]), self.streamed.dtype)
         self.resident.add(index)
         self.resident_max = max(self.resident_max, len(self.resident))
 
     def release(self, index: int, layer: nn.Module, write: bool) -> None:
-        """Put ``layer`` back on meta; first write it as the next output shard when ``write``."""
+        """Put ``layer``'s saved tensors back on meta; first write them as the next output shard when ``write``.
+
+        Non-persistent buffers (computed at construction, never saved) stay as they are.
+        """
+        from accelerate.utils import set_module_tensor_to_device
+
         try:
             if write and self.writer is not None:
                 if index in self.written:
@@ -156,32 +187,35 @@ class StreamedLayers:
                 self.writer.write(state)
                 self.written.add(index)
         finally:
-            layer.to("meta")
+            for name in layer.state_dict():
+                set_module_tensor_to_device(layer, name, "meta")
             self.resident.discard(index)
 
     def finish(self) -> dict[str, object]:
-        """Write the tensors outside the layers, the index, config and tokenizer files; what was done."""
+        """Write the tensors outside the layers (one shard each), config, tokenizer files, then the index."""
         if self.writer is None or self.out is None:
             raise RuntimeError("this residence writes nothing (out=None)")
         num_layers = self.streamed.adapter.num_layers
         if len(self.written) != num_layers:
             raise RuntimeError(f"only {len(self.written)} of {num_layers} decoder layers were written")
         reader = self.streamed.reader
-        source = reader.folder
-        layers = self.streamed.adapter.layers_path + "."
-        rest = reader.read(name for name in reader.names() if not name.startswith(layers))
-        rest = {k: (v.to(self.streamed.dtype) if v.is_floating_point() else v) for k, v in rest.items()}
-        self._tally(rest)
-        self.writer.write(rest)
-        del rest
+        in_memory = self.streamed.model.state_dict()
+        for name in self.streamed.outside_layers():
+            value = in_memory.get(name)
+            if value is None or value.is_meta:  # the head, when it was not needed: read, convert, write, drop
+                value = reader.read([self.streamed.names[name]])[self.streamed.names[name]]
+                value = value.to(self.streamed.dtype) if value.is_floating_point() else value
+            self._tally({name: value})
+            self.writer.write({name: value})
+            del value
         config = self.streamed.model.config
         config.dtype = self.streamed.dtype
         config.save_pretrained(self.out)
         for name in SIDE_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, self.out / name)
+            if (reader.folder / name).is_file():
+                shutil.copyfile(reader.folder / name, self.out / name)
         index = self.writer.finish()
-        return {"source": str(source), "output": str(self.out), "index": str(index), "shards": self.writer.shards,
+        return {"source": str(reader.folder), "output": str(self.out), "index": str(index), "shards": self.writer.shards,
                 "bytes_read": reader.bytes_read, "bytes_written": self.writer.bytes_written,
                 "resident_layers_max": self.resident_max}
 

@@ -33,6 +33,7 @@ one shard of the output checkpoint and dropped (``prunelab.models.streaming``);
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import resource
@@ -51,7 +52,7 @@ from prunelab.config.typed import typed
 from prunelab.models.adapters import DecoderAdapter, PrunableModule, get_adapter, select_modules
 from prunelab.data.tokens import ids_fingerprint
 from prunelab.models.loading import ModelLoadError, resolve_device
-from prunelab.models.streaming import StreamedLayers, open_streamed
+from prunelab.models.streaming import StreamedLayers, StreamedModel, open_streamed
 from prunelab.prune import allocation as alloc
 from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
@@ -165,6 +166,7 @@ class LayerwisePruner:
         self.prepass_cache = prepass_cache
         self.prepass_record: dict[str, Any] | None = None  # what the cache said (results.json: pruning.prepass_cache)
         self._calib_fingerprint: str | None = None
+        self._calib_shape: list[int] | None = None
         self.frozen = dict(frozen or {})
         self.method = method
         self.pattern = pattern
@@ -224,18 +226,30 @@ class LayerwisePruner:
         if self._weights is None:
             with self.timer("cache_key"):
                 self._weights = weights_digest(self.model)
+        import transformers
+
         dtype = str(self.selected[0].get_weight().dtype) if self.selected else None
-        return {"weights": self._weights, "calibration": self._calib_fingerprint, "batch_size": self.settings.batch_size,
-                "device": str(self.device), "dtype": dtype, "layers": self.adapter.num_layers,
-                "targets": list(self.settings.targets), "skip": list(self.settings.skip)}
+        config = getattr(self.model, "config", None)
+        return {"weights": self._weights, "calibration": self._calib_fingerprint, "calib_shape": self._calib_shape,
+                "model_class": type(self.model).__name__,
+                # everything that shapes the forward besides the weights (rope, eps, attention kernel)
+                "config": hashlib.sha256(config.to_json_string().encode()).hexdigest() if config is not None else None,
+                "attn_implementation": getattr(config, "_attn_implementation", None),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "batch_size": self.settings.batch_size, "device": str(self.device), "dtype": dtype,
+                "layers": self.adapter.num_layers, "targets": list(self.settings.targets), "skip": list(self.settings.skip)}
 
     def _stats_entry(self) -> StatsEntry | None:
         """The dense-statistics cache entry, when this run can share one (non-sequential, calibrated)."""
         if (self.stats_cache is None or not self.settings.share_stats or self.settings.sequential or not self.needs_data
                 or self.frozen or self.streamed is not None):
             return None  # the dense model's statistics are this run's only when nothing was pruned before
-        entry = self.stats_cache.open({"what": "dense-stats", **self._input_parts(),
-                                       "needs": sorted(str(n) for n in self.method.needs)}, self.adapter.num_layers)
+        try:
+            entry = self.stats_cache.open({"what": "dense-stats", **self._input_parts(),
+                                           "needs": sorted(str(n) for n in self.method.needs)}, self.adapter.num_layers)
+        except OSError as err:  # an optimisation only: a cache folder that cannot be written costs the sharing
+            log.warning("stats cache %s is not usable (%s); this run computes its statistics", self.stats_cache.folder, err)
+            return None
         self.stats_record = entry.record()
         if entry.hit:
             log.info("dense statistics read from the stats cache %s: no calibration forward", entry.folder)
@@ -345,6 +359,7 @@ class LayerwisePruner:
         """Capture, allocate, prune every layer; return the per-layer targets."""
         if self.needs_data:
             self._calib_fingerprint = ids_fingerprint(calib_ids)
+            self._calib_shape = list(calib_ids.shape)
             with self.timer("capture"):
                 self.walk.capture(calib_ids.split(self.settings.batch_size))
         planned = alloc.layer_targets(self.allocation, self.sparsity, self.adapter.num_layers, self.score_pass)
@@ -383,6 +398,8 @@ class LayerwisePruner:
             with torch.no_grad():
                 layer_targets = self._prune_all(calib_ids)
                 if self.streamed is not None:
+                    if self.tally is not None and self.tally.violations:  # before the index makes the output loadable
+                        raise RuntimeError(f"N:M check failed after pruning: {self.tally.violations}")
                     with self.timer("stream"):
                         self.streamed_record = self.streamed.finish()
         finally:
@@ -477,7 +494,7 @@ def prune_model(
 
 
 def prune_streamed(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | StreamedModel,
     out: str | os.PathLike,
     method: PruningMethod,
     calib_ids: torch.Tensor | None,
@@ -497,7 +514,8 @@ def prune_streamed(
     and a run that stops early leaves no index there.
 
     Args:
-        folder: a model folder (config.json and safetensors, as ``save_pretrained`` writes it).
+        folder: a model folder (config.json and safetensors, as ``save_pretrained`` writes it), or
+            one already opened with ``prunelab.models.streaming.open_streamed`` (``dtype`` is then its own).
         out: the output folder; it must not hold a checkpoint yet.
         method, calib_ids, sparsity, pattern, allocation, engine: as for :func:`prune_model`
             (``engine.save_masks`` keeps every mask in memory: leave it off for a big model).
@@ -509,13 +527,14 @@ def prune_streamed(
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     settings = EngineSettings.of(engine)
-    model = open_streamed(folder, dtype)
+    model = folder if isinstance(folder, StreamedModel) else open_streamed(folder, dtype)
+    check_pattern_fits(model.model, pattern, settings.targets, settings.skip)  # before anything is written
     layers = StreamedLayers(model, out)
     pruner = LayerwisePruner(model.model, method, sparsity, pattern, alloc.settings(allocation), settings, streamed=layers)
     report = pruner.run(calib_ids)
     log.info(
         "pruned %s into %s layer by layer from disk with %s (%s): %.2f%% of the targeted weights are zero (%.1f s)",
-        folder, out, method.name, pattern, 100 * report.summary.overall, report.timings.get("total", 0.0),
+        model.reader.folder, out, method.name, pattern, 100 * report.summary.overall, report.timings.get("total", 0.0),
     )
     return report
 

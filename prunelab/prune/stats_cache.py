@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ class StatsEntry:
         self._manifest = manifest
         self._files: dict[str, str] = {}
         self._meta: dict[str, Any] = {}  # layer → which modules share an input, tokens seen
-        self._tmp = cache.folder / f".{self.key}.{os.getpid()}.tmp" if not self.hit else None
+        # a folder of this writer's own (unique across processes and hosts sharing the cache)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", suffix=".tmp", dir=cache.folder)) if not self.hit else None
 
     def record(self) -> dict[str, Any]:
         return {"key": self.key, "hit": self.hit, "folder": str(self.folder)}
@@ -96,10 +98,22 @@ class StatsEntry:
 
     # ---------------------------------------------------------------------------------- writing
     def save_layer(self, index: int, stats: Mapping[str, InputStats], shared: Mapping[str, str]) -> None:
-        """Write layer ``index``'s statistics (each shared object once) into the pending entry."""
-        if self._tmp is None:
+        """Write layer ``index``'s statistics (each shared object once) into the pending entry.
+
+        The cache is an optimisation: a write that fails (a full disk) drops the entry, not the run.
+        """
+        if self.hit:
             raise RuntimeError("this entry was read back; it is not written again")
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        if self._tmp is None:  # dropped after a failed write
+            return
+        try:
+            self._write_layer(index, stats, shared)
+        except OSError as err:
+            log.warning("stats cache: cannot write layer %d into %s (%s); this run goes on without caching", index,
+                        self._tmp, err)
+            self.discard()
+
+    def _write_layer(self, index: int, stats: Mapping[str, InputStats], shared: Mapping[str, str]) -> None:
         tensors, ntokens = {}, {}
         for name, entry in stats.items():
             if name in shared:
@@ -119,10 +133,10 @@ class StatsEntry:
         if self._tmp is None or not self._tmp.exists():
             return
         manifest = {"format": FORMAT, "parts": self.parts, "files": self._files, "layers": self._meta}
-        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
+            (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             os.replace(self._tmp, self.folder)
-        except OSError:  # a complete entry is already there (a parallel job): keep that one
+        except OSError:  # a complete entry is already there (a parallel job), or the disk is full: keep what is there
             shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp = None
 
@@ -147,9 +161,14 @@ class StatsCache:
         """The entry for ``parts``: a verified hit, or a fresh one to write."""
         folder = self.folder / self.key(parts)
         manifest = self._verified(folder, _normalised(parts)) if folder.is_dir() else None
-        if manifest is None and folder.exists():
-            shutil.rmtree(folder)  # unverifiable: inside the cache folder, recomputed now
         self.folder.mkdir(parents=True, exist_ok=True)
+        if manifest is None and folder.exists():  # unverifiable: moved aside (a reader may hold it), then removed
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".bad", dir=self.folder))
+            try:
+                os.replace(folder, aside / folder.name)
+            except OSError:
+                pass  # another job moved it first
+            shutil.rmtree(aside, ignore_errors=True)
         return StatsEntry(self, parts, layers, manifest)
 
     @staticmethod
