@@ -374,8 +374,10 @@ def test_the_readme_shows_an_explicit_allocation_that_parses():
 
 
 @pytest.mark.parametrize("args", readme_commands(), ids=lambda a: " ".join(a)[:60])
-def test_every_readme_command_composes_and_validates(args):
-    """Compose each README command (every job of a sweep) as Hydra would, and run the value checks."""
+def test_every_readme_command_composes_and_validates(args, tiny_hf_dir):
+    """Compose each README command (every job of a sweep) as Hydra would, and run the value checks.
+
+    A placeholder model folder (``model.path=<folder>``) stands for a real one: the tiny HF model's."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -384,6 +386,7 @@ def test_every_readme_command_composes_and_validates(args):
     from prunelab.config.schema import validate
 
     overrides = [a for a in args if a != "-m" and not a.startswith(("hydra.", "hydra/", "--"))]
+    overrides = [f"model.path={tiny_hf_dir}" if a.startswith("model.path=<") else a for a in overrides]
     overrides = [a for a in overrides if "<" not in a]  # placeholders such as <partition>
     parsed = OverridesParser.create().parse_overrides(overrides)
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
