@@ -198,13 +198,16 @@ class StreamedLayers:
         num_layers = self.streamed.adapter.num_layers
         if len(self.written) != num_layers:
             raise RuntimeError(f"only {len(self.written)} of {num_layers} decoder layers were written")
+        from accelerate.utils import set_module_tensor_to_device
+
         reader = self.streamed.reader
-        in_memory = self.streamed.model.state_dict()
-        for name in self.streamed.outside_layers():
-            value = in_memory.get(name)
-            if value is None or value.is_meta:  # the head, when it was not needed: read, convert, write, drop
-                value = reader.read([self.streamed.names[name]])[self.streamed.names[name]]
-                value = value.to(self.streamed.dtype) if value.is_floating_point() else value
+        model = self.streamed.model
+        outside = self.streamed.outside_layers()
+        for name in outside:  # the pruning is over: the skeleton lets go of its embeddings (and head)
+            set_module_tensor_to_device(model, name, "meta")
+        for name in outside:  # then each is read, converted, written and dropped on its own
+            value = reader.read([self.streamed.names[name]])[self.streamed.names[name]]
+            value = value.to(self.streamed.dtype) if value.is_floating_point() else value
             self._tally({name: value})
             self.writer.write({name: value})
             del value
@@ -221,6 +224,6 @@ class StreamedLayers:
 
     def _tally(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for value in tensors.values():
-            if value.is_floating_point():
-                self.zeros += int((value == 0).sum())
+            if value.is_floating_point():  # count_nonzero: no mask the size of the tensor
+                self.zeros += value.numel() - int(torch.count_nonzero(value))
                 self.count += value.numel()
