@@ -38,7 +38,7 @@ import logging
 import os
 import resource
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,8 +313,14 @@ class LayerwisePruner:
         return outputs
 
     def _solve(self, modules: Sequence[PrunableModule], stats: Mapping[str, InputStats], targets: Mapping[str, float]) -> None:
+        users = Counter(id(stats[mod.name]) for mod in modules if mod.name in stats)
         for mod in modules:
-            self._solve_module(mod, stats.get(mod.name), targets[mod.full_name])
+            entry = stats.get(mod.name)
+            self._solve_module(mod, entry, targets[mod.full_name])
+            if entry is not None:
+                users[id(entry)] -= 1
+                if users[id(entry)] == 0:  # its last module is solved: free its sums (a Hessian is in² floats)
+                    entry.hessian = entry.sq_norm = entry.total = None
 
     def _solve_module(self, mod: PrunableModule, stats: InputStats | None, target: float) -> None:
         """Ask the method for ``mod``'s new weight, write it back and record what was done."""
