@@ -16,7 +16,8 @@ def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
             f"sq_norm has shape {tuple(sq_norm.shape)} but the weight has in_features={weight.shape[1]}; "
             "the statistics were collected for another module"
         )
-    return weight.abs().float() * sq_norm.to(weight.device, torch.float32).sqrt().unsqueeze(0)
+    scores = weight.abs().to(torch.float32)  # one [out, in] temporary, scaled in place
+    return scores.mul_(sq_norm.to(weight.device, torch.float32).sqrt().unsqueeze(0))
 
 
 class WandaPruning(PruningMethod):
