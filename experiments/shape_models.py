@@ -40,6 +40,9 @@ SHAPES: dict[str, dict[str, int | bool]] = {
     # LLaMA-7B (Touvron et al. 2023): d=4096, MLP 11008, 32 layers, 32 heads
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, tie_word_embeddings=False),
+    # LLaMA-7B's width at depth 2 (3.2 GB): the 7B per-layer peak in minutes rather than the full 32 layers
+    "7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                  num_key_value_heads=32, tie_word_embeddings=False),
 }
 SHAPE_FILE = "shape.json"
 

@@ -249,6 +249,34 @@ def test_stats_do_not_depend_on_batch_size():
         torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-5, atol=1e-5)
 
 
+class SpoilsDisposable(KeepAll):
+    """Records (stats, disposable, whether its Hessian was intact) and ruins every disposable Hessian."""
+
+    name = "spoils_disposable"
+    needs = frozenset({HESSIAN})
+
+    def prune(self, weight, stats, sparsity, pattern):
+        self.seen.append((stats, stats.disposable, bool(torch.isfinite(stats.hessian).all())))
+        if stats.disposable:
+            stats.hessian.fill_(float("nan"))  # allowed: no later module reads these sums
+        return PruneResult(weight=weight.clone(), mask=torch.ones_like(weight, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # GPT-2's fused c_attn shares nothing
+def test_only_the_last_reader_of_shared_statistics_may_overwrite_them(arch):
+    model = BUILDERS[arch]()
+    method = SpoilsDisposable()
+    prune_model(model, method, random_ids(nsamples=2, seqlen=8), 0.5, "unstructured", None, CPU)
+    groups: dict[int, list[bool]] = {}
+    for stats, disposable, intact in method.seen:
+        assert intact, "a module was given statistics an earlier module had been allowed to overwrite"
+        groups.setdefault(id(stats), []).append(disposable)
+    assert len(method.seen) == sum(len(get_adapter(model).prunable_modules(i)) for i in range(get_adapter(model).num_layers))
+    assert any(len(flags) > 1 for flags in groups.values()), "the tiny model shares statistics (q/k/v)"
+    for flags in groups.values():
+        assert flags == [False] * (len(flags) - 1) + [True]
+
+
 def test_statistics_are_shared_only_for_the_same_unmodified_input():
     from prunelab.models.adapters import PrunableModule
     from prunelab.prune.stats import StatsCollector as _StatsCollector

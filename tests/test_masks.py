@@ -34,6 +34,20 @@ def test_per_row_mask_drops_the_smallest_of_each_row(shape, sparsity):
         assert len(dropped) == int(shape[1] * sparsity)
 
 
+def test_per_row_mask_in_row_chunks_equals_the_naive_selection(monkeypatch):
+    import prunelab.prune.masks as masks
+
+    monkeypatch.setattr(masks, "_ROW_CHUNK", 40)  # 2 rows of 17 per kthvalue call: 9 chunks, the last of 1 row
+    scores = torch.randn(17, 17, generator=torch.Generator().manual_seed(5))
+    scores[4, :] = 0.25  # a tied row inside a chunk
+    mask = unstructured_per_row_mask(scores, 0.6)
+    for i, (row_mask, expected) in enumerate(zip(mask.tolist(), naive_row_drop(scores, 0.6))):
+        dropped = {j for j, keep in enumerate(row_mask) if not keep}
+        assert len(dropped) == 10
+        if i != 4:
+            assert dropped == expected
+
+
 def test_per_row_mask_keeps_exact_counts_when_scores_tie_at_the_threshold():
     # dead inputs give whole columns of zero scores: ties straddle the threshold in every row
     scores = torch.rand(6, 20, generator=torch.Generator().manual_seed(3)) + 1.0

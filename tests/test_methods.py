@@ -190,6 +190,46 @@ def test_sparsegpt_unstructured_matches_naive_obs_loop(blocksize, mask_blocksize
     torch.testing.assert_close(result.weight.double(), expected_w, rtol=1e-4, atol=1e-4)
 
 
+def test_inverse_hessian_factor_in_place_equals_the_out_of_place_chain():
+    """The in-place factorisation gives, bit for bit, Cholesky → inverse → upper Cholesky of the damped H."""
+    from prunelab.prune.methods.sparsegpt import inverse_hessian_factor
+
+    x = correlated_inputs(300, 40, rank=40, seed=11)
+    hessian = stats_for(x, frozenset({HESSIAN})).hessian
+    hessian[:, 7] = hessian[7, :] = 0.0  # a dead input
+    damped = hessian.clone()
+    diag = torch.diagonal(damped)
+    diag[diag == 0] = 1.0
+    diag += 0.01 * diag.mean()
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    original = hessian.clone()
+
+    upper, dead = inverse_hessian_factor(hessian, 0.01)
+    assert torch.equal(upper, expected) and torch.equal(hessian, original), "the caller's H must stay as it was"
+    assert dead.tolist() == [j == 7 for j in range(40)]
+    torch.testing.assert_close(upper.double().t() @ upper.double(), torch.linalg.inv(damped.double()), rtol=1e-4, atol=1e-6)
+
+    upper_in_place, _ = inverse_hessian_factor(hessian, 0.01, overwrite=True)
+    assert torch.equal(upper_in_place, expected)
+    assert upper_in_place.data_ptr() == hessian.data_ptr(), "overwrite=True factors in H's own storage"
+
+
+def test_sparsegpt_reuses_the_hessian_only_when_the_engine_says_it_is_disposable():
+    x = correlated_inputs(96, 32, rank=8, seed=3)
+    weight = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    method = build_method("sparsegpt", {"blocksize": 8})
+    kept = stats_for(x, frozenset({HESSIAN}))
+    original = kept.hessian.clone()
+    first = method.prune(weight, kept, 0.5, UNSTRUCTURED)
+    assert torch.equal(kept.hessian, original), "a shared Hessian (q/k/v) must reach the next module intact"
+    disposable = stats_for(x, frozenset({HESSIAN}))
+    disposable.disposable = True
+    storage = disposable.hessian
+    second = method.prune(weight, disposable, 0.5, UNSTRUCTURED)
+    assert disposable.hessian is None and not torch.equal(storage, original), "its storage now holds the factor"
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.mask, second.mask)
+
+
 @pytest.mark.parametrize("q,blocksize", [(0, 128), (3, 128), (3, 2)])
 def test_sparsegpt_single_weight_update_is_the_obs_closed_form(q, blocksize):
     """One row, one pruned weight: δw = −w_q/[H⁻¹]_qq · H⁻¹[:, q] over the columns not yet visited."""

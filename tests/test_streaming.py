@@ -243,6 +243,22 @@ def test_released_layers_leave_memory(tmp_path, monkeypatch):
     assert alive_at_load == [0, 0, 0] and all(ref() is None for ref in refs)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_embeddings_leave_memory_once_layer_0s_inputs_are_captured(tmp_path, monkeypatch, tied):
+    source = _save(tiny_llama(tie_word_embeddings=tied), tmp_path / "src")
+    seen = []
+    load = streaming.StreamedLayers.load
+
+    def watching_load(self, index, layer):
+        model = self.streamed.model
+        seen.append((model.get_input_embeddings().weight.device.type, model.get_output_embeddings().weight.device.type))
+        load(self, index, layer)
+
+    monkeypatch.setattr(streaming.StreamedLayers, "load", watching_load)
+    prune_streamed(source, tmp_path / "out", build_method("wanda", {}), random_ids(2, 16), 0.5)
+    assert seen == [("meta", "meta")] * 3, "a tied head must not keep the embedding matrix alive either"
+
+
 def test_a_checkpoint_without_the_base_model_prefix_streams(tmp_path):
     """Older checkpoints (GPT-2's on the hub) store 'h.0...' where the model says 'transformer.h.0...'."""
     from safetensors.torch import load_file, save_file

@@ -316,6 +316,8 @@ class LayerwisePruner:
         users = Counter(id(stats[mod.name]) for mod in modules if mod.name in stats)
         for mod in modules:
             entry = stats.get(mod.name)
+            if entry is not None:  # the last module to read them may reuse their storage
+                entry.disposable = users[id(entry)] == 1
             self._solve_module(mod, entry, targets[mod.full_name])
             if entry is not None:
                 users[id(entry)] -= 1
@@ -368,6 +370,8 @@ class LayerwisePruner:
             self._calib_shape = list(calib_ids.shape)
             with self.timer("capture"):
                 self.walk.capture(calib_ids.split(self.settings.batch_size))
+        if self.streamed is not None:  # layer 0's inputs are captured: nothing reads the embeddings again
+            self.streamed.release_outside()
         planned = alloc.layer_targets(self.allocation, self.sparsity, self.adapter.num_layers, self.score_pass)
         self.outlier_ratios = planned.outlier_ratios
         targets = alloc.module_targets(self.selected, planned.targets, self.sparsity, self.method.global_scope)

@@ -14,6 +14,8 @@ from prunelab.prune.pattern import Pattern
 
 # n·s within this distance below an integer counts as that integer: int(100 * 0.57) is 56 in floats.
 _COUNT_EPS = 1e-6
+# entries per kthvalue call in unstructured_per_row_mask (its sorted copy: 64 MB of float32)
+_ROW_CHUNK = 1 << 24
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -53,18 +55,23 @@ def unstructured_per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Te
 
     Each row's k-th smallest score (``kthvalue``, about twice as fast as ``topk`` on CPU) is its
     threshold; rows where ties at the threshold would drop more than k fall back to ``topk``.
+    Rows are thresholded in chunks of about ``_ROW_CHUNK`` entries: ``kthvalue`` sorts a copy of
+    its input, which for a whole 7B MLP matrix is another 180 MB.
     """
     _check_matrix(scores)
     k = prune_count(scores.shape[1], sparsity)
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
-    mask = scores > threshold
-    tied_rows = ((~mask).sum(dim=1) != k).nonzero().squeeze(1)
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    rows = max(1, _ROW_CHUNK // max(1, scores.shape[1]))
+    for start in range(0, scores.shape[0], rows):
+        chunk = scores[start : start + rows]
+        torch.gt(chunk, chunk.kthvalue(k, dim=1, keepdim=True).values, out=mask[start : start + rows])
+    tied_rows = (mask.sum(dim=1) != scores.shape[1] - k).nonzero().squeeze(1)  # ties dropped more than k
     if tied_rows.numel():
-        rows = scores[tied_rows]
-        drop = torch.topk(rows, k, dim=1, largest=False).indices
-        row_mask = torch.ones_like(rows, dtype=torch.bool)
+        tied = scores[tied_rows]
+        drop = torch.topk(tied, k, dim=1, largest=False).indices
+        row_mask = torch.ones_like(tied, dtype=torch.bool)
         row_mask.scatter_(1, drop, False)
         mask[tied_rows] = row_mask
     return mask

@@ -27,11 +27,16 @@ SUM = "sum"  # per input feature: sum over calibration tokens of x_j, shape [in]
 
 class InputStats:
     """Running sums of what a Linear receives during calibration (float32; the plain sum in float64,
-    so a mean over millions of tokens does not drift)."""
+    so a mean over millions of tokens does not drift).
+
+    ``disposable`` is set by the engine while the last module that reads these sums is solved: the
+    method may then overwrite them (SparseGPT factors the Hessian in its own storage).
+    """
 
     def __init__(self, in_features: int, needs: frozenset[str], device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.ntokens = 0
+        self.disposable = False
         # with SUM (mean and variance wanted) the squares are summed in float64 too: var = E[x²] - E[x]²
         sq_dtype = torch.float64 if SUM in needs else torch.float32
         self.sq_norm = torch.zeros(in_features, dtype=sq_dtype, device=device) if SQ_NORM in needs else None

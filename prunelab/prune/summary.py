@@ -66,7 +66,8 @@ class SparsityTally:
     def add(self, m: PrunableModule) -> None:
         """Count ``m``'s zeros; with an N:M pattern, check it group by group (-1: its width cannot conform)."""
         weight = m.get_weight()
-        zeros, count = int((weight == 0).sum().item()), weight.numel()
+        count = weight.numel()
+        zeros = count - int(torch.count_nonzero(weight))  # no mask the size of the weight
         self.per_module[m.full_name] = zeros / count if count else 0.0
         for bucket in (self.by_layer[m.layer], self.by_type[m.name]):
             bucket[0] += zeros

@@ -67,7 +67,8 @@ class PruningMethod(ABC):
         say (iterative schedules prune monotonically).
 
         Must not modify ``stats`` in place: the engine shares one InputStats between modules that
-        read the same tensor (q/k/v, gate/up).
+        read the same tensor (q/k/v, gate/up). The exception is ``stats.disposable``: True when this
+        module is the last to read them, so their buffers may be reused (the engine frees them next).
         """
 
     def outlier_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:

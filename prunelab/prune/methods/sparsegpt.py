@@ -26,30 +26,37 @@ def _positive_int(value: object, key: str) -> int:
     return value
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepare H: returns (upper Cholesky factor of (H + damp·I)⁻¹, mask of dead inputs).
 
     Dead inputs (H_ii == 0, never active during calibration) get H_ii = 1 so H stays invertible;
     the caller zeroes their weights. ``damp = percdamp · mean(diag H)``.
+
+    The three factorisations (Cholesky, inverse from the factor, Cholesky of the inverse) run in
+    place in one [in, in] buffer: a copy of ``hessian``, or ``hessian`` itself when ``overwrite``
+    and it is float32 already (its owner no longer needs it). LAPACK works on column-major
+    matrices, so the buffer is handed over as its transpose, which is the same matrix for the
+    symmetric H and for the symmetric inverse; with a row-major ``out`` torch would factor into a
+    temporary and copy back (485 MB more at in=11008). The result is bit for bit the one of the
+    out-of-place calls, with their column-major strides.
     """
-    hessian = hessian.to(torch.float32).clone()
-    diag = torch.diagonal(hessian)
+    if not (overwrite and hessian.dtype == torch.float32):
+        hessian = hessian.to(torch.float32).clone()
+    work = hessian.mT  # column-major view of the symmetric matrix
+    diag = torch.diagonal(work)
     dead = diag == 0
     diag[dead] = 1.0
     diag += percdamp * diag.mean()
-    try:  # each intermediate [in, in] matrix is freed as soon as the next exists (485 MB each at in=11008)
-        lower = torch.linalg.cholesky(hessian)
-        del hessian, diag
-        hinv = torch.cholesky_inverse(lower)
-        del lower
-        upper = torch.linalg.cholesky(hinv, upper=True)
-        del hinv
+    try:
+        torch.linalg.cholesky(work, out=work)
+        torch.cholesky_inverse(work, out=work)
+        torch.linalg.cholesky(work, upper=True, out=work)
     except torch.linalg.LinAlgError as err:
         raise ValueError(
             f"sparsegpt: the damped Hessian is not positive definite with percdamp={percdamp}; "
             "raise method.params.percdamp (e.g. 0.1) or calibrate on more tokens"
         ) from err
-    return upper, dead
+    return work, dead
 
 
 def sparsegpt_prune(
@@ -61,6 +68,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     mask_blocksize: int | None = None,
     frozen: torch.Tensor | None = None,
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] with OBS reconstruction; returns (pruned weight, keep-mask).
 
@@ -101,7 +109,7 @@ def sparsegpt_prune(
 
     device = weight.device
     W = weight.detach().to(torch.float32).clone()
-    hinv, dead = inverse_hessian_factor(hessian.to(device), percdamp)
+    hinv, dead = inverse_hessian_factor(hessian.to(device), percdamp, overwrite=overwrite_hessian)
     W[:, dead] = 0.0
     hinv_diag = torch.diagonal(hinv)
     pruned = torch.zeros_like(W, dtype=torch.bool)  # True = removed
@@ -179,8 +187,11 @@ class SparseGPTPruning(PruningMethod):
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs input statistics with a hessian; the engine must collect HESSIAN for it")
         new_weight, mask = sparsegpt_prune(
-            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.mask_blocksize, frozen
+            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.mask_blocksize, frozen,
+            overwrite_hessian=stats.disposable,
         )
+        if stats.disposable:
+            stats.hessian = None  # factored in place: no longer X Xᵀ
         return PruneResult(weight=new_weight, mask=mask)
 
     def outlier_scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
