@@ -354,3 +354,88 @@ def test_runs_that_differ_in_schedule_finetuning_or_structure_get_their_own_rows
     assert (row_label(neurons), col_label(neurons)) == ("neurons (flap)", "20% neurons")
     assert (row_label(layers), col_label(layers)) == ("layers (last)", "4 layers")
     assert sorted(["4 layers", "50%", "2:4", "20% neurons"], key=col_sort_key) == ["50%", "2:4", "4 layers", "20% neurons"]
+
+
+# ------------------------------------------------------------------------------------- paper layouts
+def _rows(markdown: str, heading_part: str) -> list[dict[str, str]]:
+    """The rows (header → cell, in order) of the Markdown table under the first heading containing ``heading_part``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### ") and heading_part in line)
+    table = []
+    for line in lines[start + 1:]:
+        if line.startswith(("### ", "## ")):
+            break
+        if line.startswith("|") and not line.startswith("|:"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return [dict(zip(table[0], row)) for row in table[1:]]
+
+
+def _paper_run(experiment: str, model: str, method: str, ppl: float, sparsity: float = 0.5, pattern: str = "unstructured",
+               allocation: str = "uniform", seed: int = 0, tasks: dict[str, float] | None = None,
+               structure: dict | None = None, task_order: list[str] | None = None) -> dict:
+    results = _results(method, sparsity, pattern, {"wikitext2": ppl}, allocation=allocation, seed=seed, tasks=tasks)
+    results["config"].update(experiment=experiment, model={"name": model}, calib={"nsamples": 16, "seed": seed})
+    if structure is not None:
+        results["config"]["structure"] = structure
+    if task_order is not None:
+        results["config"]["eval"]["zeroshot"] = {"tasks": task_order}
+    return results
+
+
+def test_sparsegpt_preset_is_laid_out_like_the_paper(tmp_path: Path) -> None:
+    """Rows (method, sparsity) grouped by sparsity with dense first, one column per model, seeds as mean ± std."""
+    root = tmp_path / "multirun" / "sparsegpt-table"
+    jobs = [("a", "dense", 20.0, 0.5, "unstructured", 0), ("a", "magnitude", 40.0, 0.5, "unstructured", 0),
+            ("a", "sparsegpt", 30.0, 0.5, "unstructured", 0), ("a", "sparsegpt", 32.0, 0.5, "unstructured", 1),
+            ("a", "sparsegpt", 36.0, 0.5, "2:4", 0), ("a", "magnitude", 90.0, 0.5, "2:4", 0),
+            ("b", "dense", 10.0, 0.5, "unstructured", 0), ("b", "sparsegpt", 15.0, 0.5, "unstructured", 0),
+            ("a", "random", 99.0, 0.5, "unstructured", 0)]
+    for i, (model, method, ppl, sparsity, pattern, seed) in enumerate(jobs):
+        _job(root / model, str(i), _paper_run("sparsegpt-table", model, method, ppl, sparsity, pattern, seed=seed))
+    _job(root, "plain", _results("wanda", 0.5, "unstructured", {"wikitext2": 25.0}))  # no preset: sweep tables only
+    markdown = build_report(root, tmp_path / "report", plots=False)["markdown"].read_text()
+
+    rows = _rows(markdown, "sparsegpt-table: wikitext2 perplexity")
+    assert [(r["Method"], r["Sparsity"]) for r in rows] == [
+        ("Dense", "0%"), ("Random", "50%"), ("Magnitude", "50%"), ("SparseGPT", "50%"), ("Magnitude", "2:4"),
+        ("SparseGPT", "2:4")]  # the papers' method order, not the alphabet
+    assert list(rows[0]) == ["Method", "Sparsity", "a", "b"]
+    assert rows[0]["a"] == "20.00" and rows[0]["b"] == "10.00"
+    assert rows[3]["a"] == "31.00 ± 1.41 (n=2)" and rows[3]["b"] == "15.00"
+    assert rows[2]["b"] == "–" and rows[4]["a"] == "90.00"
+    assert "Layout of SparseGPT (Frantar & Alistarh 2023)" in markdown
+    paper_part = markdown.split("### Perplexity (wikitext2)")[0]
+    assert "| tiny" not in paper_part and "25.00" not in paper_part, "a run of no preset has no paper table"
+    assert "### Perplexity (wikitext2) — a" in markdown, "the sweep tables are still written"
+
+
+def test_wanda_preset_has_the_weight_update_column(tmp_path: Path) -> None:
+    root = tmp_path / "wanda-table"
+    for i, method in enumerate(("dense", "magnitude", "wanda", "sparsegpt")):
+        _job(root, str(i), _paper_run("wanda-table", "m", method, 10.0 + i))
+    rows = _rows(build_report(root, tmp_path / "r", plots=False)["markdown"].read_text(), "wanda-table:")
+    assert [(r["Method"], r["Weight update"], r["Sparsity"], r["m"]) for r in rows] == [
+        ("Dense", "–", "0%", "10.00"), ("Magnitude", "✗", "50%", "11.00"), ("SparseGPT", "✓", "50%", "13.00"),
+        ("Wanda", "✗", "50%", "12.00")]
+
+
+def test_structured_preset_puts_metrics_in_columns(tmp_path: Path) -> None:
+    """LLM-Pruner / FLAP: rows (removed, method), columns perplexity, each task in the preset's order, average."""
+    root = tmp_path / "structured-table"
+    order = ["piqa", "boolq"]
+    _job(root, "0", _paper_run("structured-table", "m", "dense", 20.0, tasks={"boolq": 0.70, "piqa": 0.60}, task_order=order))
+    for i, (score, ppl, boolq) in enumerate((("flap", 30.0, 0.62), ("magnitude", 50.0, 0.58))):
+        _job(root, str(i + 1), _paper_run("structured-table", "m", "magnitude", ppl, tasks={"boolq": boolq, "piqa": 0.50},
+                                          structure={"name": "neurons", "score": score, "fraction": 0.3}, task_order=order))
+    tuned = _paper_run("structured-table", "m", "magnitude", 25.0, tasks={"boolq": 0.66, "piqa": 0.50},
+                       structure={"name": "neurons", "score": "flap", "fraction": 0.3}, task_order=order)
+    tuned["config"]["finetune"] = {"name": "lora"}  # LLM-Pruner's "w/ tune" row: its own row, not a seed of "w/o"
+    _job(root, "3", tuned)
+    rows = _rows(build_report(root, tmp_path / "r", plots=False)["markdown"].read_text(), "structured-table: m")
+    assert list(rows[0]) == ["Removed", "Method", "wikitext2 PPL", "piqa", "boolq", "Average"]
+    assert rows[0] == {"Removed": "0%", "Method": "Dense", "wikitext2 PPL": "20.00", "piqa": "60.00", "boolq": "70.00",
+                       "Average": "65.00"}
+    assert [(r["Removed"], r["Method"], r["wikitext2 PPL"], r["boolq"], r["Average"]) for r in rows[1:]] == [
+        ("30% neurons", "neurons (flap)", "30.00", "62.00", "56.00"),
+        ("30% neurons", "neurons (flap) + lora FT", "25.00", "66.00", "58.00"),
+        ("30% neurons", "neurons (magnitude)", "50.00", "58.00", "54.00")]

@@ -221,6 +221,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         ``{"markdown", "latex", "plots": [...], "runs", "skipped": [names], "incomplete": [names],
         "never_launched": [PlannedJob]}``.
     """
+    from prunelab.report import layouts
     from prunelab.report import tables as tab
 
     metrics = metrics or ["ppl", "zeroshot"]
@@ -233,8 +234,10 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     grids = check_grids(root)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tables: list[tab.Table] = []
     datasets = [m.split(":", 1)[1] for m in metrics if m.startswith("ppl:")]
+    # a preset's runs in its paper's layout first, with the metrics asked for
+    tables: list[tab.Table] = layouts.paper_tables(runs, acc_key, None if "ppl" in metrics else datasets,
+                                                   zeroshot="zeroshot" in metrics)
     if "ppl" in metrics:
         tables += tab.perplexity_tables(runs)
     elif datasets:
@@ -263,7 +266,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     markdown_path = out_dir / "report.md"
     markdown_path.write_text("\n".join(md) + "\n")
     latex_path = out_dir / "tables.tex"
-    latex_path.write_text("% needs \\usepackage{booktabs}\n" + "\n".join(tab.to_latex(t) for t in tables))
+    latex_path.write_text("% needs \\usepackage{booktabs,amssymb}\n" + "\n".join(tab.to_latex(t) for t in tables))
     log.info("wrote %s, %s and %d plots", markdown_path, latex_path, len(plot_files))
     return {"markdown": markdown_path, "latex": latex_path, "plots": plot_files, "runs": len(runs),
             "skipped": [run.name for run in runs if run.skipped],

@@ -34,9 +34,18 @@ class Table:
     cells: dict[str, dict[str, str]]
     notes: list[str] = field(default_factory=list)
     key: str = ""  # short id used for file names
+    # a paper's row header in several columns (``Method | Sparsity``): their names, and each row's values
+    lead_cols: list[str] = field(default_factory=list)
+    lead: dict[str, list[str]] = field(default_factory=dict)
 
     def cell(self, row: str, col: str) -> str:
         return self.cells.get(row, {}).get(col, "–")
+
+    def header(self) -> list[str]:
+        return (self.lead_cols or [self.corner]) + self.cols
+
+    def line(self, row: str) -> list[str]:
+        return (self.lead.get(row, [row]) if self.lead_cols else [row]) + [self.cell(row, col) for col in self.cols]
 
 
 # ------------------------------------------------------------------------------------------ row / column
@@ -244,11 +253,11 @@ def _by_model_and_eval(runs: list["Run"]) -> dict[tuple[str, str], list["Run"]]:
 # ------------------------------------------------------------------------------------------------ render
 def to_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table with the title as a heading and notes below."""
-    header = [table.corner] + table.cols
-    lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * len(table.cols)) + "|"]
+    lead = len(table.lead_cols) or 1
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.header()) + " |",
+             "|" + "|".join([":---"] * lead + ["---:"] * len(table.cols)) + "|"]
     for row in table.rows:
-        lines.append("| " + " | ".join([row] + [table.cell(row, col) for col in table.cols]) + " |")
+        lines.append("| " + " | ".join(table.line(row)) + " |")
     lines += [""] + [f"_{note}_  " for note in table.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -259,19 +268,20 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def latex_escape(text: str) -> str:
     out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
-    return out.replace("±", r"$\pm$").replace("–", "--").replace("—", "---")
+    return (out.replace("±", r"$\pm$").replace("–", "--").replace("—", "---")
+            .replace("✓", r"\checkmark").replace("✗", r"$\times$"))
 
 
 def to_latex(table: Table) -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
-    spec = "l" + "r" * len(table.cols)
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``, and ``amssymb`` for ✓)."""
+    spec = "l" * (len(table.lead_cols) or 1) + "r" * len(table.cols)
     lines = [
         r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(table.title)}}}",
         rf"\label{{tab:{re.sub(r'[^A-Za-z0-9_:.-]', '-', table.key)}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-        " & ".join(latex_escape(c) for c in [table.corner] + table.cols) + r" \\", r"\midrule",
+        " & ".join(latex_escape(c) for c in table.header()) + r" \\", r"\midrule",
     ]
     for row in table.rows:
-        lines.append(" & ".join(latex_escape(c) for c in [row] + [table.cell(row, col) for col in table.cols]) + r" \\")
+        lines.append(" & ".join(latex_escape(c) for c in table.line(row)) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if table.notes:
         lines.append(r"\par\smallskip{\footnotesize " + latex_escape("; ".join(table.notes)) + "}")
