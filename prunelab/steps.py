@@ -107,7 +107,11 @@ class StreamedPruneStep:
             except ValueError as error:  # the widths are known once the config is read
                 raise ConfigError(str(error)) from None
         calib_ids = calibration_windows(tokenizer, cfg, self.payload, self.timer) if needs_calibration(self.method) else None
-        if self.out.exists():  # an earlier attempt of this run (its results are not complete, or redo=true)
+        from prunelab.io.shards import INDEX
+
+        # An earlier attempt of this run left the folder: a finished model (its evaluation did not finish,
+        # or redo=true) is written again; an unfinished one is taken up where it stopped (same key only).
+        if self.out.exists() and (cfg.redo or (self.out / INDEX).exists()):
             shutil.rmtree(self.out)
         with self.timer("prune"):
             report = prune_streamed(skeleton, self.out, self.method, calib_ids, float(cfg.sparsity), self.pattern,

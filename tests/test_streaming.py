@@ -128,7 +128,8 @@ def test_an_interrupted_stream_leaves_no_loadable_output(tmp_path):
     method.prune = failing
     with pytest.raises(_Boom):
         prune_streamed(source, tmp_path / "out", method, None, 0.5)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00006.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00006.safetensors",
+                                                                    streaming.PROGRESS]
     with pytest.raises(ShardError, match="neither"):
         ShardReader(tmp_path / "out")
     with pytest.raises((OSError, ValueError)):  # no config.json, no index: nothing to load
@@ -136,6 +137,73 @@ def test_an_interrupted_stream_leaves_no_loadable_output(tmp_path):
     prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
     with pytest.raises(FileExistsError):  # a finished output is never overwritten
         prune_streamed(source, tmp_path / "done", build_method("magnitude", {}), None, 0.5)
+
+
+def _dies_after(method, calls: int):
+    """``method`` whose prune raises on its call number ``calls + 1`` (a run killed part way)."""
+    done = []
+    original = method.prune
+
+    def prune(*args, **kwargs):
+        done.append(1)
+        if len(done) > calls:
+            raise _Boom("killed")
+        return original(*args, **kwargs)
+
+    method.prune = prune
+    return method, done
+
+
+@pytest.mark.parametrize("method,engine,allocation", [
+    ("sparsegpt", {}, None), ("wanda", {"sequential": False}, {"name": "owl", "lam": 0.08, "m": 5}),
+    ("magnitude", {}, None)])
+def test_a_killed_stream_resumes_where_it_stopped_and_writes_the_same_model(tmp_path, method, engine, allocation):
+    source = _save(tiny_llama(num_hidden_layers=3), tmp_path / "src")
+    ids = random_ids(2, 16) if method != "magnitude" else None
+    per_layer = 7  # q, k, v, o, gate, up, down
+    reference = prune_streamed(source, tmp_path / "ref", build_method(method, {}), ids, 0.5, allocation=allocation, engine=engine)
+
+    dying, _ = _dies_after(build_method(method, {}), 2 * per_layer + 3)  # killed inside the third layer
+    with pytest.raises(_Boom):
+        prune_streamed(source, tmp_path / "out", dying, ids, 0.5, allocation=allocation, engine=engine)
+    assert not (tmp_path / "out" / INDEX).exists()
+    counting, calls = _dies_after(build_method(method, {}), 10**6)
+    report = prune_streamed(source, tmp_path / "out", counting, ids, 0.5, allocation=allocation, engine=engine)
+
+    assert len(calls) == per_layer, "only the unfinished layer is pruned again"
+    assert report.streamed["resumed_layers"] == 2 and reference.streamed["resumed_layers"] == 0
+    assert not (tmp_path / "out" / streaming.PROGRESS).exists()
+    _same_tensors(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert report.summary.per_module == reference.summary.per_module
+    assert report.summary.per_layer == reference.summary.per_layer and report.summary.model_fraction == reference.summary.model_fraction
+    assert [(r.name, r.target, r.achieved) for r in report.modules] == [(r.name, r.target, r.achieved) for r in reference.modules]
+    assert report.streamed["bytes_written"] == reference.streamed["bytes_written"]
+
+
+def test_a_resume_trusts_only_verified_layers_of_the_same_run(tmp_path):
+    source = _save(tiny_llama(num_hidden_layers=3), tmp_path / "src")
+    ids = random_ids(2, 16)
+
+    def killed(out, sparsity=0.5):
+        dying, _ = _dies_after(build_method("sparsegpt", {}), 2 * 7 + 1)
+        with pytest.raises(_Boom):
+            prune_streamed(source, out, dying, ids, sparsity)
+
+    killed(tmp_path / "a")
+    shard = tmp_path / "a" / "model-00002-of-00006.safetensors"  # layer 1's
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))  # changed on disk after it was recorded
+    counting, calls = _dies_after(build_method("sparsegpt", {}), 10**6)
+    report = prune_streamed(source, tmp_path / "a", counting, ids, 0.5)
+    assert report.streamed["resumed_layers"] == 1 and len(calls) == 2 * 7
+
+    killed(tmp_path / "b")  # then re-run with another sparsity: nothing is taken over
+    counting, calls = _dies_after(build_method("sparsegpt", {}), 10**6)
+    report = prune_streamed(source, tmp_path / "b", counting, ids, 0.6)
+    assert report.streamed["resumed_layers"] == 0 and len(calls) == 3 * 7
+    prune_streamed(source, tmp_path / "fresh", build_method("sparsegpt", {}), ids, 0.6)
+    _same_tensors(AutoModelForCausalLM.from_pretrained(tmp_path / "fresh"), AutoModelForCausalLM.from_pretrained(tmp_path / "b"))
+    prune_streamed(source, tmp_path / "ref", build_method("sparsegpt", {}), ids, 0.5)
+    _same_tensors(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), AutoModelForCausalLM.from_pretrained(tmp_path / "a"))
 
 
 def test_a_checkpoint_missing_a_tensor_is_refused_before_pruning(tmp_path):
@@ -179,6 +247,27 @@ def test_the_cli_streams_a_local_model_into_the_run_folder(tmp_path, cache_dir, 
     expected = perplexity(pruned, stream, 64, max_windows=3)
     assert scored["streamed"] and scored["windows"] == 3 and scored["fingerprint"] == expected["fingerprint"]
     assert scored["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+
+
+def test_the_cli_takes_up_a_killed_stream_in_its_run_folder(tmp_path, cache_dir, data_root, tiny_hf_dir, default_tokenizer):
+    from prunelab.data.calibration import get_calibration
+    from test_cli import run_cli
+
+    run_dir = tmp_path / "run"
+    calib = {"source": "c4", "nsamples": 2, "seqlen": 64, "seed": 0}
+    ids, _ = get_calibration(default_tokenizer, calib, data_root, cache_dir)
+    per_layer = len(streaming.open_streamed(tiny_hf_dir).adapter.prunable_modules(0))
+    dying, _ = _dies_after(build_method("sparsegpt", {}), per_layer + 2)  # the first attempt dies in layer 1
+    with pytest.raises(_Boom):
+        prune_streamed(tiny_hf_dir, run_dir / "model", dying, ids, 0.5)
+    proc = run_cli("model=hf", f"model.path={tiny_hf_dir}", "model.stream=true", "method=sparsegpt", "eval=none",
+                   *(f"calib.{k}={v}" for k, v in calib.items()), "logger=none", f"hydra.run.dir={run_dir}",
+                   cache_dir=cache_dir, data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete" and results["metrics"]["pruning"]["streamed"]["resumed_layers"] == 1
+    reference, _ = _in_memory(tiny_hf_dir, "sparsegpt", ids, 0.5)
+    _same_tensors(reference, AutoModelForCausalLM.from_pretrained(run_dir / "model"))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ is an unfinished write that no loader mistakes for a model; plain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -31,6 +32,15 @@ SINGLE = "model.safetensors"
 
 class ShardError(ValueError):
     """The folder holds no readable safetensors checkpoint."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShardReader:
@@ -58,6 +68,13 @@ class ShardReader:
             raise ShardError(f"{self.folder}: shards named by the index are missing: {', '.join(missing[:3])}")
         self.weight_map: dict[str, str] = dict(weight_map)
         self.bytes_read = 0
+
+    @classmethod
+    def from_map(cls, folder: str | os.PathLike, weight_map: Mapping[str, str]) -> "ShardReader":
+        """A reader of the shards ``weight_map`` names (tensor → file) in ``folder``, which has no index yet."""
+        reader = cls.__new__(cls)
+        reader.folder, reader.weight_map, reader.bytes_read = Path(folder), dict(weight_map), 0
+        return reader
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -96,11 +113,23 @@ class ShardWriter:
         self.bytes_written = 0
         self._next = 1
 
+    def next_name(self) -> str:
+        return f"model-{self._next:05d}-of-{self.shards:05d}.safetensors"
+
+    def adopt(self, name: str, tensors: Iterable[str], nbytes: int) -> None:
+        """Count the next shard as written: an interrupted write left it in place and the caller verified it."""
+        if name != self.next_name() or not (self.folder / name).is_file():
+            raise RuntimeError(f"{self.folder / name} is not the next shard ({self.next_name()}) or is missing")
+        for key in tensors:
+            self.weight_map[key] = name
+        self.bytes_written += nbytes
+        self._next += 1
+
     def write(self, tensors: Mapping[str, torch.Tensor]) -> Path:
         """Write ``tensors`` as the next shard (moved to the CPU, made contiguous); returns its path."""
         if self._next > self.shards:
             raise RuntimeError(f"{self.shards} shards were announced and all are written")
-        name = f"model-{self._next:05d}-of-{self.shards:05d}.safetensors"
+        name = self.next_name()
         clash = sorted(set(tensors) & set(self.weight_map))
         if clash:
             raise RuntimeError(f"tensors written twice: {clash[:3]}")

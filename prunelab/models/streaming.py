@@ -13,10 +13,18 @@ output checkpoint when the walk leaves it final. So at most one decoder layer is
 the output is written shard by shard while the walk goes (``prunelab.io.shards``).
 :meth:`~StreamedLayers.finish` copies the tensors outside the layers and writes the index, the
 config and the tokenizer files: the output then loads with plain ``from_pretrained``.
+
+A run that stops part way is taken up where it stopped. After each layer's shard is in place the
+output folder's ``stream-progress.json`` records the run's key (what the pruning depends on), the
+shard's sha256 and what the engine noted for the layer. A later run with the same key calls
+:meth:`~StreamedLayers.resume`: the finished layers whose shards still match their sha256 (a prefix
+0..k-1) are not pruned again. The walk still runs them over the calibration batches, read from the
+output when the pruning is sequential, to give layer k its inputs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,10 +36,12 @@ import torch
 from torch import nn
 
 from prunelab.config.schema import ModelConfig
-from prunelab.io.shards import ShardReader, ShardWriter
+from prunelab.io.shards import ShardReader, ShardWriter, sha256_file
 from prunelab.models.adapters import DecoderAdapter, get_adapter
 
 log = logging.getLogger(__name__)
+
+PROGRESS = "stream-progress.json"  # the finished layers of an unfinished output (removed once the index is written)
 
 # Files of a model folder copied next to the output weights (tokenizer and generation settings).
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -158,13 +168,80 @@ class StreamedLayers:
         self.resident_max = 0
         self.zeros = 0
         self.count = 0
+        self.done: dict[int, dict] = {}  # layers an interrupted run wrote, taken over by resume()
+        self.replay_written = True  # load a taken-over layer from the output (its pruned weights)
+        self._written_reader: ShardReader | None = None
+        self._progress: dict | None = None  # stream-progress.json's content, once resume() gave the key
+        self._notes: dict[int, dict] = {}
+
+    def resume(self, key: str, replay_written: bool) -> dict[int, dict]:
+        """Take over the layers an interrupted run of the same ``key`` finished in the output folder.
+
+        Every layer written from here on is recorded under ``key``. Of the recorded layers, the prefix
+        0..k-1 whose shards match their sha256 is taken over; the others are pruned and written
+        again. A record of another key (another config, calibration or source) is replaced.
+
+        Args:
+            key: what the pruning depends on (``prunelab.prune.engine``), as one digest.
+            replay_written: the walk's forward through a taken-over layer uses the written (pruned)
+                weights, as sequential pruning does; else the source's.
+
+        Returns:
+            ``{layer index: what the engine noted for it}`` for the layers taken over.
+        """
+        if self.writer is None or self.out is None:
+            raise RuntimeError("this residence writes nothing (out=None)")
+        self.replay_written = replay_written
+        self._progress = {"key": key, "layers": {}}
+        path = self.out / PROGRESS
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError) as error:
+            log.warning("%s is unreadable (%s); every layer is pruned again", path, error)
+            record = None
+        if record is not None and record.get("key") != key:
+            log.warning("%s was written by a run of another config, calibration or source; every layer is pruned again", path)
+            record = None
+        layers = (record or {}).get("layers", {})
+        for index in range(self.streamed.adapter.num_layers):
+            entry = layers.get(str(index))
+            if entry is None:
+                break
+            shard = self.out / entry["file"]
+            if not shard.is_file() or sha256_file(shard) != entry["sha256"]:
+                log.warning("%s does not match its recorded sha256: layers %d and on are pruned again", shard, index)
+                break
+            self.writer.adopt(entry["file"], entry["tensors"], entry["bytes"])
+            self.done[index] = entry
+            self.written.add(index)
+            self.zeros += entry["zeros"]
+            self.count += entry["count"]
+            self._progress["layers"][str(index)] = entry
+        self._save_progress()
+        if self.done:
+            self._written_reader = ShardReader.from_map(
+                self.out, {name: entry["file"] for entry in self.done.values() for name in entry["tensors"]})
+            log.info("resuming the stream into %s: layers 0-%d were written by an interrupted run with the same key "
+                     "(sha256 checked); pruning from layer %d", self.out, len(self.done) - 1, len(self.done))
+        return {index: entry["engine"] for index, entry in self.done.items()}
+
+    def note(self, index: int, info: dict) -> None:
+        """What the engine wants back for layer ``index`` if the run is resumed (recorded with its shard)."""
+        self._notes[index] = info
 
     def load(self, index: int, layer: nn.Module) -> None:
-        """Read layer ``index``'s weights from the checkpoint into ``layer`` (on the CPU)."""
+        """Read layer ``index``'s weights from the checkpoint into ``layer`` (on the CPU).
+
+        A layer taken over by :meth:`resume` is read from the output instead, when ``replay_written``.
+        """
         prefix = self.streamed.layer_prefix(index)
         names = list(layer.state_dict())
-        stored = {name: self.streamed.names[prefix + name] for name in names}
-        tensors = self.streamed.reader.read(stored.values())
+        if index in self.done and self.replay_written and self._written_reader is not None:
+            stored = {name: prefix + name for name in names}
+            tensors = self._written_reader.read(stored.values())
+        else:
+            stored = {name: self.streamed.names[prefix + name] for name in names}
+            tensors = self.streamed.reader.read(stored.values())
         for name in names:
             _set_tensor(layer, name, tensors.pop(stored[name]), self.streamed.dtype)
         self.resident.add(index)
@@ -178,14 +255,21 @@ class StreamedLayers:
         from accelerate.utils import set_module_tensor_to_device
 
         try:
-            if write and self.writer is not None:
+            if write and self.writer is not None and index not in self.done:
                 if index in self.written:
                     raise RuntimeError(f"decoder layer {index} was written already; a walk that writes runs once")
                 prefix = self.streamed.layer_prefix(index)
                 state = {prefix + name: value for name, value in layer.state_dict().items()}
+                zeros, count = self.zeros, self.count
                 self._tally(state)
-                self.writer.write(state)
+                path = self.writer.write(state)
                 self.written.add(index)
+                if self._progress is not None:
+                    self._progress["layers"][str(index)] = {
+                        "file": path.name, "sha256": sha256_file(path), "tensors": list(state),
+                        "bytes": sum(v.numel() * v.element_size() for v in state.values()),
+                        "zeros": self.zeros - zeros, "count": self.count - count, "engine": self._notes.pop(index, {})}
+                    self._save_progress()
         finally:
             for name in layer.state_dict():
                 set_module_tensor_to_device(layer, name, "meta")
@@ -228,9 +312,16 @@ class StreamedLayers:
             if (reader.folder / name).is_file():
                 shutil.copyfile(reader.folder / name, self.out / name)
         index = self.writer.finish()
+        (self.out / PROGRESS).unlink(missing_ok=True)  # the index says it all now
         return {"source": str(reader.folder), "output": str(self.out), "index": str(index), "shards": self.writer.shards,
                 "bytes_read": reader.bytes_read, "bytes_written": self.writer.bytes_written,
-                "resident_layers_max": self.resident_max}
+                "resident_layers_max": self.resident_max, "resumed_layers": len(self.done)}
+
+    def _save_progress(self) -> None:
+        path = self.out / PROGRESS
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(self._progress))
+        partial.replace(path)
 
     def _tally(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for value in tensors.values():

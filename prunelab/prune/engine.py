@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -225,7 +226,8 @@ class LayerwisePruner:
         """What a walk over the unpruned model reads: the cache keys' common parts."""
         if self._weights is None:
             with self.timer("cache_key"):
-                self._weights = weights_digest(self.model)
+                # a streamed model's weights are on disk: the source files stand for them
+                self._weights = weights_digest(self.model) if self.streamed is None else self._source_identity()
         import transformers
 
         dtype = str(self.selected[0].get_weight().dtype) if self.selected else None
@@ -238,6 +240,21 @@ class LayerwisePruner:
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "batch_size": self.settings.batch_size, "device": str(self.device), "dtype": dtype,
                 "layers": self.adapter.num_layers, "targets": list(self.settings.targets), "skip": list(self.settings.skip)}
+
+    def _source_identity(self) -> str:
+        """The streamed checkpoint's files: name, size and modification time each (hashing 27 GB would take minutes)."""
+        folder = self.streamed.streamed.reader.folder
+        files = sorted(set(self.streamed.streamed.reader.weight_map.values()))
+        stats = {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in files}
+        return hashlib.sha256(json.dumps({"folder": str(folder.resolve()), "files": stats}, sort_keys=True).encode()).hexdigest()
+
+    def _stream_key(self, layer_targets: Sequence[float]) -> str:
+        """What a streamed run's written layers depend on, as one digest (``StreamedLayers.resume``)."""
+        parts = {"what": "stream", **self._input_parts(), "method": self.method.name, "params": dict(self.method.params),
+                 "pattern": str(self.pattern), "sparsity": self.sparsity, "layer_targets": list(layer_targets),
+                 "allocation": alloc.describe(self.allocation, self.method.global_scope),
+                 "sequential": self.settings.sequential, "written_dtype": str(self.streamed.streamed.dtype)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def _stats_entry(self) -> StatsEntry | None:
         """The dense-statistics cache entry, when this run can share one (non-sequential, calibrated)."""
@@ -376,8 +393,12 @@ class LayerwisePruner:
         self.outlier_ratios = planned.outlier_ratios
         targets = alloc.module_targets(self.selected, planned.targets, self.sparsity, self.method.global_scope)
         entry = self._stats_entry()
+        resumed: dict[int, dict] = {}
+        if self.streamed is not None and self.streamed.writer is not None:  # after any pre-pass: it reads the source
+            resumed = self.streamed.resume(self._stream_key(planned.targets), replay_written=self.settings.sequential)
         try:
-            self.walk.run(lambda stop: self._visit(stop, targets, entry), desc=f"prune {self.method.name}", final=True)
+            self.walk.run(lambda stop: self._visit(stop, targets, entry, resumed), desc=f"prune {self.method.name}",
+                          final=True)
         except BaseException:
             if entry is not None:
                 entry.discard()
@@ -386,13 +407,28 @@ class LayerwisePruner:
             entry.commit()
         return planned.targets
 
-    def _visit(self, stop: LayerStop, targets: Mapping[str, float], entry: StatsEntry | None) -> list[torch.Tensor] | None:
+    def _visit(self, stop: LayerStop, targets: Mapping[str, float], entry: StatsEntry | None,
+               resumed: Mapping[int, dict]) -> list[torch.Tensor] | None:
+        if stop.index in resumed:
+            return self._replay_layer(stop, resumed[stop.index])
         outputs = self._prune_layer(stop, targets, entry)
         if self.tally is not None:  # a streamed layer leaves memory after this visit: measure it now
             with self.timer("measure"):
-                for mod in self.by_layer.get(stop.index, []):
-                    self.tally.add(mod)
+                counts = [self.tally.add(mod) for mod in self.by_layer.get(stop.index, [])]
+            if self.streamed is not None:  # recorded with the layer's shard, for a resumed run
+                self.streamed.note(stop.index, {"tally": counts, "records": [
+                    dataclasses.asdict(record) for record in self.records if record.layer == stop.index]})
         return outputs
+
+    def _replay_layer(self, stop: LayerStop, noted: Mapping[str, Any]) -> list[torch.Tensor] | None:
+        """A layer an interrupted run with the same key wrote: its counts and records back, and the next inputs."""
+        for counts in noted["tally"]:
+            self.tally.add_counts(**counts)
+        self.records += [ModuleRecord(**{**record, "shape": tuple(record["shape"])}) for record in noted["records"]]
+        if stop.last or stop.inputs is None:
+            return None
+        with self.timer("forward"):
+            return self.walk.forward(stop)
 
     # ----------------------------------------------------------------------------- run
     def run(self, calib_ids: torch.Tensor | None) -> PruneReport:

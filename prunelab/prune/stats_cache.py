@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunelab.io.shards import sha256_file
 from prunelab.models.adapters import PrunableModule
 from prunelab.prune.methods.base import InputStats
 
@@ -38,14 +39,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MANIFEST = "manifest.json"
 _FIELDS = ("sq_norm", "total", "hessian")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _normalised(parts: Mapping[str, Any]) -> Any:
@@ -125,7 +118,7 @@ class StatsEntry:
                     tensors[f"{name}.{field}"] = value.detach().to("cpu").contiguous()
         file = f"layer-{index}.safetensors"
         save_file(tensors, str(self._tmp / file))
-        self._files[file] = _sha256(self._tmp / file)
+        self._files[file] = sha256_file(self._tmp / file)
         self._meta[str(index)] = {"shared": dict(shared), "ntokens": ntokens}
 
     def commit(self) -> None:
@@ -179,7 +172,7 @@ class StatsCache:
                 log.warning("stats cache %s does not hold what its key names: computing it again", folder)
                 return None
             for file, digest in manifest["files"].items():
-                if _sha256(folder / file) != digest:
+                if sha256_file(folder / file) != digest:
                     log.warning("stats cache %s: %s does not match its recorded sha256: computing it again", folder, file)
                     return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

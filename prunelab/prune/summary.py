@@ -63,21 +63,31 @@ class SparsityTally:
         self.zeros = self.total = 0
 
     @torch.no_grad()
-    def add(self, m: PrunableModule) -> None:
-        """Count ``m``'s zeros; with an N:M pattern, check it group by group (-1: its width cannot conform)."""
+    def add(self, m: PrunableModule) -> dict[str, Any]:
+        """Count ``m``'s zeros; with an N:M pattern, check it group by group (-1: its width cannot conform).
+
+        Returns the counts, which :meth:`add_counts` takes (a resumed run's finished layers).
+        """
         weight = m.get_weight()
         count = weight.numel()
         zeros = count - int(torch.count_nonzero(weight))  # no mask the size of the weight
-        self.per_module[m.full_name] = zeros / count if count else 0.0
-        for bucket in (self.by_layer[m.layer], self.by_type[m.name]):
+        bad = 0
+        if self.pattern.is_nm:
+            bad = nm_violations(weight, self.pattern) if m.in_features % self.pattern.m == 0 else -1
+        counts = {"name": m.full_name, "layer": m.layer, "kind": m.name, "zeros": zeros, "count": count, "violations": bad}
+        self.add_counts(**counts)
+        return counts
+
+    def add_counts(self, name: str, layer: int, kind: str, zeros: int, count: int, violations: int) -> None:
+        """Count a module measured before (:meth:`add`'s return value)."""
+        self.per_module[name] = zeros / count if count else 0.0
+        for bucket in (self.by_layer[layer], self.by_type[kind]):
             bucket[0] += zeros
             bucket[1] += count
         self.zeros += zeros
         self.total += count
-        if self.pattern.is_nm:
-            bad = nm_violations(weight, self.pattern) if m.in_features % self.pattern.m == 0 else -1
-            if bad:
-                self.violations[m.full_name] = bad
+        if violations:
+            self.violations[name] = violations
 
     def summary(self, model_zeros: int, model_count: int) -> SparsitySummary:
         """The summary, given the zeros and entries of all the model's parameters."""
