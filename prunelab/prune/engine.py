@@ -57,7 +57,7 @@ from prunelab.models.streaming import StreamedLayers, StreamedModel, open_stream
 from prunelab.prune import allocation as alloc
 from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
-from prunelab.prune.prepass_cache import PrepassCache, weights_digest
+from prunelab.prune.prepass_cache import PrepassCache, parts_digest, weights_digest
 from prunelab.prune.stats import collect_stats
 from prunelab.prune.stats_cache import StatsCache, StatsEntry
 from prunelab.prune.summary import ModuleRecord, PruneReport, SparsityTally, measure_sparsity
@@ -254,7 +254,7 @@ class LayerwisePruner:
                  "pattern": str(self.pattern), "sparsity": self.sparsity, "layer_targets": list(layer_targets),
                  "allocation": alloc.describe(self.allocation, self.method.global_scope),
                  "sequential": self.settings.sequential, "written_dtype": str(self.streamed.streamed.dtype)}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return parts_digest(parts)
 
     def _stats_entry(self) -> StatsEntry | None:
         """The dense-statistics cache entry, when this run can share one (non-sequential, calibrated)."""

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+def parts_digest(parts: Mapping[str, Any]) -> str:
+    """One sha256 of a key's parts (JSON with sorted keys; anything else by its ``str``): the caches' and the stream's keys."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -54,7 +59,7 @@ class PrepassCache:
 
     @staticmethod
     def key(parts: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return parts_digest(parts)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"

@@ -17,7 +17,6 @@ hashes to its recorded value. Anything else is computed again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from prunelab.io.shards import sha256_file
 from prunelab.models.adapters import PrunableModule
 from prunelab.prune.methods.base import InputStats
+from prunelab.prune.prepass_cache import parts_digest
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class StatsCache:
 
     @staticmethod
     def key(parts: Mapping[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return parts_digest(parts)
 
     def open(self, parts: Mapping[str, Any], layers: int) -> StatsEntry:
         """The entry for ``parts``: a verified hit, or a fresh one to write."""
