@@ -144,6 +144,29 @@ def open_streamed(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return streamed
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps the freed blocks of every layer's mid-sized temporaries (activations, scores) in its
+    heap, fragmented: a 7B walk's resident memory grew by ~30 MB a layer (0.9 GB over 32 layers)
+    until the heap is trimmed after each layer.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim with
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 class StreamedLayers:
     """The conveyor's residence for a streamed model: one decoder layer in memory at a time.
 
@@ -274,6 +297,7 @@ class StreamedLayers:
             for name in layer.state_dict():
                 set_module_tensor_to_device(layer, name, "meta")
             self.resident.discard(index)
+            _trim_heap()
 
     def release_outside(self) -> None:
         """Put the tensors outside the layers (embeddings, final norm, head) back on meta.
