@@ -106,19 +106,25 @@ def run_job(folder: Path, shape: str, method: str, nsamples: int, seqlen: int, s
         "checked_zero_fractions": checked, "streamed": pruning["streamed"],
         "run_timings_s": {k: round(v, 1) for k, v in results["timings"].items()},
         "command": " ".join(command[1:]), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": results.get("git"),  # the commit the run pruned with (and whether the checkout was dirty)
     }
+
+
+def _commit(row: dict[str, Any]) -> str:
+    git = row.get("git") or {}
+    return f"`{git['sha'][:7]}`{' (dirty)' if git.get('dirty') else ''}" if git.get("sha") else "–"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| shape | model (fp32) | method | calibration | prune time | of which: read+write / stats / solve / re-run "
-            "| peak RSS | bound (layer + activations + 2 GiB) |\n|---|---|---|---|---|---|---|---|\n")
+            "| peak RSS | bound (layer + activations + 2 GiB) | commit |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in sorted(rows, key=lambda r: (r["model_gb"], r["method"], r["nsamples"] * r["seqlen"])):
         t = r["timings_s"]
         parts = " / ".join(f"{t.get(k, 0):.0f}" for k in ("stream", "stats", "solve", "forward"))
         lines.append(f"| {r['shape']} | {r['model_gb']:.1f} GB | {r['method']} | {r['nsamples']} x {r['seqlen']} | "
                      f"{r['prune_s'] / 60:.1f} min | {parts} s | {r['peak_rss_gb']:.2f} GB | {r['bound_gb']:.2f} GB "
-                     f"({'within' if r['within_bound'] else 'OVER'}) |")
+                     f"({'within' if r['within_bound'] else 'OVER'}) | {_commit(r)} |")
     return head + "\n".join(lines) + "\n"
 
 
