@@ -14,7 +14,6 @@ checkpoint of another configuration is refused, not resumed), and the size and s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunelab.io.shards import sha256_file
 from prunelab.tracking.results import current_umask
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ class Checkpoint:
     state: dict[str, Any]
     tensors: dict[str, Tensors] = field(default_factory=dict)
     generation: int = 0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CheckpointStore:
@@ -113,7 +105,7 @@ class CheckpointStore:
                 problem = "is missing"
             elif path.stat().st_size != entry["bytes"]:
                 problem = f"has {path.stat().st_size} bytes, the checkpoint recorded {entry['bytes']}"
-            elif _sha256(path) != entry["sha256"]:
+            elif sha256_file(path) != entry["sha256"]:
                 problem = "does not match its recorded sha256"
             if problem:
                 raise CheckpointError(f"checkpoint file {path} {problem}; delete {self.folder} to start this run again")
@@ -148,7 +140,7 @@ class CheckpointStore:
                       metadata={"format": FORMAT, "group": group})
             os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates its files 0600
             _fsync(partial)
-            files[group] = {"file": name, "sha256": _sha256(partial), "bytes": partial.stat().st_size}
+            files[group] = {"file": name, "sha256": sha256_file(partial), "bytes": partial.stat().st_size}
             os.replace(partial, self.folder / name)
         state = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "generation": generation,
                  "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "data": data}

@@ -12,7 +12,6 @@ replaced, and staging folders left by dead processes are removed before the next
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -30,6 +29,7 @@ import torch
 
 from prunelab.config.schema import ModelConfig
 from prunelab.config.typed import typed
+from prunelab.io.shards import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _GGUF_HASHES: dict[tuple[str, int, int, int, int], str] = {}
