@@ -439,3 +439,23 @@ def test_structured_preset_puts_metrics_in_columns(tmp_path: Path) -> None:
         ("30% neurons", "neurons (flap)", "30.00", "62.00", "56.00"),
         ("30% neurons", "neurons (flap) + lora FT", "25.00", "66.00", "58.00"),
         ("30% neurons", "neurons (magnitude)", "50.00", "58.00", "54.00")]
+
+
+def test_the_sweep_summary_judges_only_the_jobs_of_the_latest_invocation(killed_sweep: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from prunelab.tracking.sweep import summarize
+
+    failed = summarize(killed_sweep)  # the grid of the invocation that failed job 1: it counts
+    assert len(failed) == 1 and "1_magnitude_0.5" in failed[0] and "failed during prune" in failed[0]
+    # a narrowed re-run into the same folder (Hydra rewrites multirun.yaml): only magnitude 0.3, complete
+    _multirun_yaml(killed_sweep, ["method=magnitude", "sparsity=0.3", "logger=none"])
+    with caplog.at_level("INFO", logger="prunelab.tracking.sweep"):
+        assert summarize(killed_sweep) == []
+    assert "not this invocation's job, not counted: 1_magnitude_0.5" in caplog.text
+    assert "1 jobs, 1 complete, 0 not" in caplog.text
+    # the narrowed run names the failed job's cell: it counts again
+    _multirun_yaml(killed_sweep, ["method=magnitude", "sparsity=0.3,0.5", "logger=none"])
+    assert len(summarize(killed_sweep)) == 1
+    # a grid the report cannot know (another sweeper): every folder counts, as before
+    _multirun_yaml(killed_sweep, ["method=magnitude"], sweeper="hydra_plugins.hydra_optuna_sweeper.OptunaSweeper")
+    assert len(summarize(killed_sweep)) == 1

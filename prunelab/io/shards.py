@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,6 +30,9 @@ from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?")  # what ShardWriter names its files
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -152,4 +157,17 @@ class ShardWriter:
         partial.write_text(json.dumps({"metadata": {"total_size": self.bytes_written},
                                        "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
         partial.replace(index)
+        self._remove_strays()
         return index
+
+    def _remove_strays(self) -> None:
+        """Delete shard files of an earlier, unfinished write into this folder that the index does not name.
+
+        A resumed write of another model (another shard count) leaves them; only files with this
+        writer's own naming, in its own folder, are touched.
+        """
+        kept = set(self.weight_map.values())
+        for path in sorted(self.folder.iterdir()):
+            if path.is_file() and SHARD_NAME.fullmatch(path.name) and path.name not in kept:
+                log.info("removing %s: an earlier unfinished write left it, and the index does not name it", path)
+                path.unlink()

@@ -34,6 +34,7 @@ class Run:
     name: str  # folder relative to the sweep folder
     results: dict[str, Any]
     skipped: bool = False  # the last invocation found these results complete and ran nothing (skipped.json)
+    overrides: list[str] = field(default_factory=list)  # the job's .hydra/overrides.yaml (empty: none)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -188,7 +189,8 @@ def collect_runs(folder: str | os.PathLike, log_incomplete: bool = True) -> tupl
             else:
                 status = results.get("status") if isinstance(results, dict) else None
                 if status == COMPLETE:
-                    runs.append(Run(name=name, results=results, skipped=(run_dir / SKIPPED_FILE).is_file()))
+                    runs.append(Run(name=name, results=results, skipped=(run_dir / SKIPPED_FILE).is_file(),
+                                    overrides=read_overrides(run_dir)))
                     continue
                 reason = f"status={status!r} in {RESULTS_FILE}"
                 if (run_dir / FAILED_FILE).is_file():
