@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prunelab.eval.latency import device_info, follows_two_four, measure_latency, summarize, time_calls
 from prunelab.eval.size import count_parameters, prunable_linears
+from prunelab.models.loading import ModelLoadError, resolve_device
 from prunelab.prune.masks import nm_mask
 from prunelab.prune.pattern import Pattern
 
@@ -199,11 +200,11 @@ def _parse_ints(text: str) -> list[int]:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu --shape small")
+    """The CLI's own device rule (``auto`` → CUDA when available), with a bare ``cuda`` made explicit."""
+    try:
+        device = resolve_device(name)
+    except ModelLoadError as err:
+        raise SystemExit(f"--device {name}: {err} (on CPU: --device cpu --shape small)") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
