@@ -32,8 +32,8 @@ from prunelab.models.loading import (
     locate_packaged_gguf,
     model_provenance,
     prepare_packaged_model,
-    staging_owner,
 )
+from prunelab.io.staging import staging_owner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +27,7 @@ from prunelab.config.typed import typed
 
 from prunelab.data.sources import TextSource, calibration_source
 from prunelab.data.tokens import ids_fingerprint, tokenizer_fingerprint
+from prunelab.io.staging import remove_stale_staging, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def _cache_problem(stored: Any, key: str, nsamples: int, seqlen: int) -> str | N
 def save_cached_windows(path: Path, key: str, windows: torch.Tensor) -> None:
     """Write the windows with their key and fingerprint, atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    remove_stale_staging(path.parent)
+    tmp = staging_path(path)
     try:
         torch.save({"key": key, "fingerprint": ids_fingerprint(windows), "windows": windows}, tmp)
         os.replace(tmp, path)

@@ -16,10 +16,7 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ import torch
 from prunelab.config.schema import ModelConfig
 from prunelab.config.typed import typed
 from prunelab.io.shards import sha256_file
+from prunelab.io.staging import remove_stale_staging, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +36,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 KEY_HEX = 16  # hex digits of the GGUF's sha256 in the cache folder's name
-STALE_AFTER_S = 24 * 3600  # a staging folder this old is abandoned, whoever owns it
-_STAGING = re.compile(r"^(?P<target>.+)\.tmp-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$")
 
 
 class ModelLoadError(RuntimeError):
@@ -203,47 +199,12 @@ def verify_manifest(folder: Path, gguf_sha256: str) -> None:
     log.info("verified %d cached files in %s (%.2f s)", len(files), folder, time.perf_counter() - start)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-
-
-def staging_owner(folder_name: str) -> tuple[str, int] | None:
-    """``(host, pid)`` of a staging folder's name, or None when the name is not a staging name."""
-    match = _STAGING.match(folder_name)
-    return (match["host"], int(match["pid"])) if match else None
-
-
-def remove_stale_staging(models_dir: Path) -> None:
-    """Remove staging folders in ``models_dir`` whose owner process is gone (or older than a day)."""
-    if not models_dir.is_dir():
-        return
-    for entry in models_dir.iterdir():
-        owner = staging_owner(entry.name)
-        if owner is None or entry.is_symlink() or not entry.is_dir():
-            continue
-        host, pid = owner
-        age = time.time() - entry.stat().st_mtime
-        if (host == _host() and not _pid_alive(pid)) or age > STALE_AFTER_S:
-            log.warning("removing the staging folder %s left by an interrupted conversion (pid %d)", entry, pid)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
     """Convert into a staging folder beside ``target``, then rename it into place unless one exists."""
     models_dir = target.parent
     models_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(models_dir)
-    staging = models_dir / f"{target.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = staging_path(target)
     staging.mkdir()
     try:
         log.info("converting %s into %s (once; ~1 min on a CPU)", gguf_path, target)

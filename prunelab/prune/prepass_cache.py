@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.io.staging import remove_stale_staging, staging_path
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -88,7 +90,8 @@ class PrepassCache:
         """Write atomically (a temporary file renamed into place)."""
         path = self.path(self.key(parts))
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        remove_stale_staging(self.folder)
+        tmp = staging_path(path)
         try:
             tmp.write_text(json.dumps({"format": FORMAT, "parts": parts, "values": list(values)}, default=str))
             os.replace(tmp, path)

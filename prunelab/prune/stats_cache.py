@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prunelab.io.shards import sha256_file
+from prunelab.io.staging import remove_stale_staging, staging_path
 from prunelab.models.adapters import PrunableModule
 from prunelab.prune.methods.base import InputStats
 from prunelab.prune.prepass_cache import parts_digest
@@ -57,7 +57,11 @@ class StatsEntry:
         self._files: dict[str, str] = {}
         self._meta: dict[str, Any] = {}  # layer → which modules share an input, tokens seen
         # a folder of this writer's own (unique across processes and hosts sharing the cache)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", suffix=".tmp", dir=cache.folder)) if not self.hit else None
+        self._tmp = None
+        if not self.hit:
+            remove_stale_staging(cache.folder)
+            self._tmp = staging_path(self.folder)
+            self._tmp.mkdir()
 
     def record(self) -> dict[str, Any]:
         return {"key": self.key, "hit": self.hit, "folder": str(self.folder)}
@@ -156,7 +160,8 @@ class StatsCache:
         manifest = self._verified(folder, _normalised(parts)) if folder.is_dir() else None
         self.folder.mkdir(parents=True, exist_ok=True)
         if manifest is None and folder.exists():  # unverifiable: moved aside (a reader may hold it), then removed
-            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".bad", dir=self.folder))
+            aside = staging_path(folder)  # removed by the next writer if this process dies first
+            aside.mkdir()
             try:
                 os.replace(folder, aside / folder.name)
             except OSError:
