@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunelab.tracking.wandb_offline import read_offline_run
 
@@ -42,6 +43,8 @@ def test_dense_quick_run_of_the_default_model_writes_complete_results(tmp_path, 
     assert results["config"]["model"]["name"] == "smollm2-135m" and results["config"]["eval"]["name"] == "quick"
     assert results["versions"]["torch"] and results["versions"]["transformers"]
     assert "sha" in results["git"] and results["device"]["type"] == "cpu"
+    assert results["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels' SIMD level
+    assert results["device"]["torch_threads"] == torch.get_num_threads() and results["device"]["cpu_name"]
     assert {"load_s", "perplexity_s"} <= set(results["timings"])
     assert "Q4_1" in results["note"]
     summary = _wandb_summary(run_dir)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import platform
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -36,6 +35,7 @@ from torch.utils import benchmark
 from torch.utils.benchmark.utils.timer import timer as clock
 
 from prunelab.progress import progress
+from prunelab.tracking.results import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
         return {"type": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
                 "capability": f"{major}.{minor}", "cuda": torch.version.cuda,
                 "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None}
-    return {"type": device.type, "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return {"type": device.type, "name": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def _check_cfg(cfg: Any) -> None:

@@ -80,8 +80,24 @@ def git_state(folder: Path | None = None) -> dict[str, Any]:
     return {"sha": sha, "dirty": bool(status.strip())}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    """Where the run computed. On the CPU, the SIMD level PyTorch's kernels dispatch to
+    (``cpu_capability``) and the thread count decide the summation order, so two machines can
+    agree to float rounding in a dense forward and still prune a few weights differently."""
+    info: dict[str, Any] = {"type": device.type, "cpu": platform.machine(), "cpu_name": cpu_name(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         info["name"] = torch.cuda.get_device_name(index)
