@@ -441,21 +441,40 @@ def test_structured_preset_puts_metrics_in_columns(tmp_path: Path) -> None:
         ("30% neurons", "neurons (magnitude)", "50.00", "58.00", "54.00")]
 
 
-def test_the_sweep_summary_judges_only_the_jobs_of_the_latest_invocation(killed_sweep: Path,
-                                                                         caplog: pytest.LogCaptureFixture) -> None:
+def _hydra_node(task: list[str], sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper") -> dict:
+    """The part of an invocation's ``hydra`` config node the sweep summary reads."""
+    return {"sweeper": {"_target_": sweeper, "params": None}, "overrides": {"task": task}}
+
+
+def test_the_sweep_summary_judges_only_the_jobs_of_the_ending_invocation(killed_sweep: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     from prunelab.tracking.sweep import summarize
 
-    failed = summarize(killed_sweep)  # the grid of the invocation that failed job 1: it counts
+    wide = _hydra_node(["method=magnitude,wanda", "sparsity=0.3,0.5", "logger=none"])
+    failed = summarize(killed_sweep, wide)  # the invocation that failed job 1: it counts
     assert len(failed) == 1 and "1_magnitude_0.5" in failed[0] and "failed during prune" in failed[0]
-    # a narrowed re-run into the same folder (Hydra rewrites multirun.yaml): only magnitude 0.3, complete
-    _multirun_yaml(killed_sweep, ["method=magnitude", "sparsity=0.3", "logger=none"])
+    # a narrowed re-run into the same folder: only magnitude 0.3, complete. The folder's multirun.yaml
+    # still names the wide grid (another invocation may write it at any time): the callback's own config decides
+    narrow = _hydra_node(["method=magnitude", "sparsity=0.3", "logger=none"])
     with caplog.at_level("INFO", logger="prunelab.tracking.sweep"):
-        assert summarize(killed_sweep) == []
+        assert summarize(killed_sweep, narrow) == []
     assert "not this invocation's job, not counted: 1_magnitude_0.5" in caplog.text
     assert "1 jobs, 1 complete, 0 not" in caplog.text
-    # the narrowed run names the failed job's cell: it counts again
-    _multirun_yaml(killed_sweep, ["method=magnitude", "sparsity=0.3,0.5", "logger=none"])
-    assert len(summarize(killed_sweep)) == 1
-    # a grid the report cannot know (another sweeper): every folder counts, as before
-    _multirun_yaml(killed_sweep, ["method=magnitude"], sweeper="hydra_plugins.hydra_optuna_sweeper.OptunaSweeper")
-    assert len(summarize(killed_sweep)) == 1
+    # a search sweeper plans no fixed grid (Optuna writes no multirun.yaml): every folder counts
+    assert len(summarize(killed_sweep, _hydra_node(["method=magnitude"], "hydra_plugins.hydra_optuna_sweeper.OptunaSweeper"))) == 1
+    assert len(summarize(killed_sweep)) == 1  # no invocation given (the report's view): every folder counts
+
+
+def test_a_failed_job_retried_under_another_job_number_no_longer_fails_the_sweep(killed_sweep: Path) -> None:
+    from prunelab.tracking.sweep import summarize
+
+    retry = ["method=magnitude", "sparsity=0.5", "logger=none"]
+    node = _hydra_node(retry)
+    assert len(summarize(killed_sweep, node)) == 1  # the failed folder is this grid's only job so far
+    old = killed_sweep / "1_magnitude_0.5" / ".hydra" / "overrides.yaml"
+    os.utime(old, (old.stat().st_mtime - 60, old.stat().st_mtime - 60))
+    _job(killed_sweep, "0_magnitude_0.5", _results("magnitude", 0.5, "unstructured", {"wikitext2": 30.0}), overrides=retry)
+    assert summarize(killed_sweep, node) == []  # the newer folder of the same overrides completed
+    newer = killed_sweep / "0_magnitude_0.5" / ".hydra" / "overrides.yaml"
+    os.utime(newer, (old.stat().st_mtime - 60, old.stat().st_mtime - 60))  # now the failure is the newer one
+    assert len(summarize(killed_sweep, node)) == 1

@@ -34,3 +34,17 @@ def test_a_finished_write_leaves_only_the_shards_its_index_names(tmp_path):
     assert index["weight_map"] == {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     assert torch.equal(load_file(str(out / "model-00001-of-00002.safetensors"))["w"], first["w"])
     assert torch.equal(load_file(str(out / "model-00002-of-00002.safetensors"))["b"], second["b"])
+
+
+def test_adopted_shards_of_an_interrupted_write_stay(tmp_path):
+    out = tmp_path / "model"
+    first = ShardWriter(out, shards=2)
+    kept = {"w": torch.arange(4.0)}
+    written = first.write(kept)  # then the process died
+    again = ShardWriter(out, shards=2)
+    again.adopt(written.name, kept, 16)
+    again.write({"b": torch.ones(3)})
+    again.finish()
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX, "model-00001-of-00002.safetensors",
+                                                          "model-00002-of-00002.safetensors"])
+    assert torch.equal(load_file(str(out / written.name))["w"], kept["w"])

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from prunelab.data.calibration import load_cached_windows, save_cached_windows
-from prunelab.io.staging import host, staging_owner, staging_path
+from prunelab.io.staging import host, remove_stale_staging, staging_owner, staging_path
 from prunelab.prune.prepass_cache import PrepassCache
 from prunelab.prune.stats_cache import StatsCache
 
@@ -89,14 +88,36 @@ def test_the_stats_cache_cleans_up_after_a_killed_writer(tmp_path):
     assert cache.open({"model": "m"}, layers=0).hit and not own.exists()
 
 
-@pytest.mark.parametrize("kind", ["file", "dir"])
-def test_a_symlink_with_a_staging_name_is_never_followed(tmp_path, kind):
+def test_a_symlink_with_a_staging_name_is_never_followed(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious").write_bytes(b"keep")
     folder = tmp_path / "calibration"
     folder.mkdir()
     link = folder / f"a.tmp-{host()}-{_dead_pid()}-0123abcd"
-    link.symlink_to(outside / "precious" if kind == "file" else outside)
+    link.symlink_to(outside / "precious")
     save_cached_windows(folder / "c4.pt", "k", torch.zeros(1, 2, dtype=torch.int64))
     assert link.is_symlink() and (outside / "precious").read_bytes() == b"keep"
+
+
+def test_a_reused_pid_does_not_keep_an_old_entry_alive(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        old = tmp_path / f"a.tmp-{host()}-{process.pid}-0123abcd"  # written before that process started
+        young = tmp_path / f"b.tmp-{host()}-{process.pid}-0123abce"  # written by it, as far as anyone can tell
+        for path in (old, young):
+            path.write_bytes(b"half")
+        an_hour_ago = time.time() - 3600
+        os.utime(old, (an_hour_ago, an_hour_ago))
+        assert remove_stale_staging(tmp_path) == [old]
+        assert young.exists()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_name_with_an_impossible_pid_is_stale_not_a_crash(tmp_path):
+    entry = tmp_path / f"a.tmp-{host()}-{10**30}-0123abcd"
+    entry.write_bytes(b"half")
+    assert remove_stale_staging(tmp_path) == [entry]

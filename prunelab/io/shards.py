@@ -103,6 +103,10 @@ class ShardReader:
 class ShardWriter:
     """Writes a checkpoint shard by shard into ``folder``; the index is written by :meth:`finish`.
 
+    :meth:`finish` also deletes the files of its own naming (``model-NNNNN-of-NNNNN.safetensors``, and
+    ``.partial`` ones) in ``folder`` that the index does not name: what an earlier, unfinished write
+    of another shard count left. Shards taken over with :meth:`adopt` are named, so they stay.
+
     Args:
         folder: the output folder (created; a finished checkpoint already there is refused).
         shards: how many shards will be written (their names are ``model-0000k-of-0000n.safetensors``).
@@ -156,8 +160,8 @@ class ShardWriter:
         partial = index.with_name(index.name + ".partial")
         partial.write_text(json.dumps({"metadata": {"total_size": self.bytes_written},
                                        "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+        self._remove_strays()  # before the index: a folder that looks finished holds only what the index names
         partial.replace(index)
-        self._remove_strays()
         return index
 
     def _remove_strays(self) -> None:
@@ -170,4 +174,7 @@ class ShardWriter:
         for path in sorted(self.folder.iterdir()):
             if path.is_file() and SHARD_NAME.fullmatch(path.name) and path.name not in kept:
                 log.info("removing %s: an earlier unfinished write left it, and the index does not name it", path)
-                path.unlink()
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as err:  # the checkpoint is complete without it; it only takes space
+                    log.warning("cannot remove %s (%s); the index does not name it, so no loader reads it", path, err)

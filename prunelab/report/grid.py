@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +80,39 @@ def planned_jobs(multirun_yaml: Path) -> list[list[str]]:
     """
     from omegaconf import OmegaConf
 
+    from prunelab.sweeper import PLANNED_FILE
+
     try:
         config = OmegaConf.to_container(OmegaConf.load(multirun_yaml), resolve=False)
     except Exception as err:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
-    hydra = (config or {}).get("hydra") or {}
-    sweeper = hydra.get("sweeper") or {}
-    from prunelab.sweeper import PLANNED_FILE
+    planned = multirun_yaml.parent / PLANNED_FILE  # the grids sweeper's own list (same-config duplicates dropped)
+    return grid_of((config or {}).get("hydra") or {}, planned if planned.is_file() else None)
+
+
+def grid_of(hydra: Mapping[str, Any], planned_file: Path | None = None) -> list[list[str]]:
+    """Every job's overrides that a sweep with this ``hydra`` config node plans, in launch order.
+
+    With the grids sweeper, ``planned_file`` (its ``planned_jobs.yaml``) is the exact list; without it the
+    expansion may hold jobs the sweeper dropped as duplicates of the same config.
+
+    Raises:
+        ValueError: as :func:`planned_jobs`.
+    """
+    from omegaconf import OmegaConf
+
     from prunelab.sweeper import TARGET as GRIDS_SWEEPER
     from prunelab.sweeper import expand
 
+    sweeper = hydra.get("sweeper") or {}
     if sweeper.get("_target_") not in (BASIC_SWEEPER, GRIDS_SWEEPER):
         raise ValueError(f"sweeper {sweeper.get('_target_')!r} does not plan a fixed grid")
-    task = (hydra.get("overrides") or {}).get("task") or []
-    planned = multirun_yaml.parent / PLANNED_FILE  # the grids sweeper's own list (same-config duplicates dropped)
-    if sweeper.get("_target_") == GRIDS_SWEEPER and planned.is_file():
+    task = [str(o) for o in (hydra.get("overrides") or {}).get("task") or []]
+    if sweeper.get("_target_") == GRIDS_SWEEPER and planned_file is not None:
         try:
-            return [[str(o) for o in job] for job in OmegaConf.to_container(OmegaConf.load(planned))]
+            return [[str(o) for o in job] for job in OmegaConf.to_container(OmegaConf.load(planned_file))]
         except Exception as err:
-            raise ValueError(f"{planned} unreadable ({type(err).__name__}: {err})") from err
+            raise ValueError(f"{planned_file} unreadable ({type(err).__name__}: {err})") from err
     try:
         return expand(task, sweeper.get("params"), sweeper.get("grids"))  # the basic sweeper has no grids
     except Exception as err:  # Hydra's parser raises several types; any of them means "unknown grid"
