@@ -37,11 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from prunelab.eval.latency import device_info, follows_two_four, measure_latency, summarize, time_calls
+from prunelab.eval.latency import follows_two_four, measure_latency, summarize, time_calls
 from prunelab.eval.size import count_parameters, prunable_linears
 from prunelab.models.loading import ModelLoadError, resolve_device
 from prunelab.prune.masks import nm_mask
 from prunelab.prune.pattern import Pattern
+from prunelab.tracking.results import device_info
 
 log = logging.getLogger("bench_latency")
 

@@ -35,7 +35,7 @@ from torch.utils import benchmark
 from torch.utils.benchmark.utils.timer import timer as clock
 
 from prunelab.progress import progress
-from prunelab.tracking.results import cpu_name
+from prunelab.tracking.results import device_info
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def summarize(samples: "benchmark.Measurement | list[float]", scale: float = 1.0
     times = [scale * t for t in measurement.times]
     return {"median": scale * measurement.median, "iqr": scale * measurement.iqr, "min": min(times),
             "max": max(times), "runs": len(times), "samples": times}
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """Name and capabilities of the device the timings come from."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        return {"type": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                "capability": f"{major}.{minor}", "cuda": torch.version.cuda,
-                "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None}
-    return {"type": device.type, "name": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
 
 
 def _check_cfg(cfg: Any) -> None:

@@ -92,16 +92,23 @@ def cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    """Where the run computed. On the CPU, the SIMD level PyTorch's kernels dispatch to
-    (``cpu_capability``) and the thread count decide the summation order, so two machines can
-    agree to float rounding in a dense forward and still prune a few weights differently."""
+    """Where a run or a timing computed: the device's name, and what decides its summation order.
+
+    On the CPU, the SIMD level PyTorch's kernels dispatch to (``cpu_capability``) and the thread count
+    decide it, so two machines can agree to float rounding in a dense forward and still prune a few
+    weights differently. On CUDA: the GPU, its compute capability, CUDA and cuSPARSELt versions.
+    """
     info: dict[str, Any] = {"type": device.type, "cpu": platform.machine(), "cpu_name": cpu_name(),
                             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        info["name"] = torch.cuda.get_device_name(index)
-        info["cuda"] = torch.version.cuda
+        major, minor = torch.cuda.get_device_capability(index)
+        info.update(index=index, name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
+                    cuda=torch.version.cuda,
+                    cusparselt=torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None)
+    else:
+        info["name"] = info["cpu_name"]
     return info
 
 
