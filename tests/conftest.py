@@ -81,3 +81,14 @@ def tiny_hf_dir(tmp_path_factory, default_tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     default_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited (for staging names whose writer is gone)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

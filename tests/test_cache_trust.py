@@ -274,24 +274,18 @@ def test_a_finished_folder_is_never_replaced_by_a_later_conversion(tmp_path, ggu
 # --- item 7: staging folders carry their owner; abandoned ones are removed --------------------
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_abandoned_staging_folders_are_removed_before_converting(tmp_path, conversions):
+def test_abandoned_staging_folders_are_removed_before_converting(tmp_path, conversions, dead_pid):
     cache, models = tmp_path / "cache", tmp_path / "cache" / "models"
     first = prepare_packaged_model(_gguf_cfg(_write(tmp_path / "src" / "a.gguf", b"first")), cache)
     staging_name = conversions[0][1].name
     assert staging_name.startswith(first.name + ".tmp-")
     host, pid = staging_owner(staging_name)
     assert pid == os.getpid()
-    dead = models / f"{first.name}.tmp-{host}-{_dead_pid()}-0123abcd"
+    dead = models / f"{first.name}.tmp-{host}-{dead_pid}-0123abcd"
     live = models / f"other.tmp-{host}-{os.getpid()}-89abcdef"
     foreign_old = models / "x.tmp-elsewhere-1-aaaaaaaa"
     foreign_new = models / "y.tmp-elsewhere-1-bbbbbbbb"
-    unrelated = [models / "notes.tmp-abc", models / "keep", tmp_path / f"z.tmp-{host}-{_dead_pid()}-cccccccc"]
+    unrelated = [models / "notes.tmp-abc", models / "keep", tmp_path / f"z.tmp-{host}-{dead_pid}-cccccccc"]
     for folder in (dead, live, foreign_old, foreign_new, *unrelated):
         _write(folder / "model.safetensors", b"partial")
     two_days_ago = time.time() - 2 * 86400

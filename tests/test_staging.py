@@ -17,16 +17,9 @@ from prunelab.prune.prepass_cache import PrepassCache
 from prunelab.prune.stats_cache import StatsCache
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def _leftovers(folder: Path) -> dict[str, Path]:
+def _leftovers(folder: Path, dead: int) -> dict[str, Path]:
     """A killed writer's file and folder, a live process's, an old foreign one, a new foreign one, unrelated names."""
     folder.mkdir(parents=True, exist_ok=True)
-    dead = _dead_pid()
     paths = {
         "dead_file": folder / f"x.pt.tmp-{host()}-{dead}-0123abcd",
         "dead_dir": folder / f"y.tmp-{host()}-{dead}-0123abce",
@@ -59,8 +52,8 @@ def test_staging_names_carry_this_process_and_stay_beside_the_target(tmp_path):
     assert staging_owner("entry.tmp-abc") is None and staging_path(tmp_path / "entry") != path
 
 
-def test_the_calibration_cache_cleans_up_after_a_killed_writer(tmp_path):
-    paths = _leftovers(tmp_path / "calibration")
+def test_the_calibration_cache_cleans_up_after_a_killed_writer(tmp_path, dead_pid):
+    paths = _leftovers(tmp_path / "calibration", dead_pid)
     windows = torch.arange(12).reshape(3, 4)
     target = tmp_path / "calibration" / "c4.pt"
     save_cached_windows(target, "k", windows)
@@ -68,18 +61,18 @@ def test_the_calibration_cache_cleans_up_after_a_killed_writer(tmp_path):
     assert torch.equal(load_cached_windows(target, "k", 3, 4), windows)
 
 
-def test_the_prepass_cache_cleans_up_after_a_killed_writer(tmp_path):
+def test_the_prepass_cache_cleans_up_after_a_killed_writer(tmp_path, dead_pid):
     cache = PrepassCache(tmp_path / "prepass")
-    paths = _leftovers(cache.folder)
+    paths = _leftovers(cache.folder, dead_pid)
     parts = {"model": "m", "ratios": 3}
     written = cache.save(parts, [0.5, None, 0.25])
     _only_stale_ones_gone(paths)
     assert written.is_file() and cache.load(parts, 3) == [0.5, None, 0.25]
 
 
-def test_the_stats_cache_cleans_up_after_a_killed_writer(tmp_path):
+def test_the_stats_cache_cleans_up_after_a_killed_writer(tmp_path, dead_pid):
     cache = StatsCache(tmp_path / "stats")
-    paths = _leftovers(cache.folder)
+    paths = _leftovers(cache.folder, dead_pid)
     entry = cache.open({"model": "m"}, layers=0)
     _only_stale_ones_gone(paths)
     own = entry._tmp
@@ -88,13 +81,13 @@ def test_the_stats_cache_cleans_up_after_a_killed_writer(tmp_path):
     assert cache.open({"model": "m"}, layers=0).hit and not own.exists()
 
 
-def test_a_symlink_with_a_staging_name_is_never_followed(tmp_path):
+def test_a_symlink_with_a_staging_name_is_never_followed(tmp_path, dead_pid):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious").write_bytes(b"keep")
     folder = tmp_path / "calibration"
     folder.mkdir()
-    link = folder / f"a.tmp-{host()}-{_dead_pid()}-0123abcd"
+    link = folder / f"a.tmp-{host()}-{dead_pid}-0123abcd"
     link.symlink_to(outside / "precious")
     save_cached_windows(folder / "c4.pt", "k", torch.zeros(1, 2, dtype=torch.int64))
     assert link.is_symlink() and (outside / "precious").read_bytes() == b"keep"

@@ -88,6 +88,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
+    this_host = host()
     for entry in folder.iterdir():
         owner = staging_owner(entry.name)
         if owner is None or entry.is_symlink():
@@ -97,7 +98,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             modified = entry.stat().st_mtime
         except FileNotFoundError:  # its owner finished (renamed or removed it) meanwhile
             continue
-        if owner_host == host():
+        if owner_host == this_host:
             stale = not pid_alive(pid) or _started_after(pid, modified)
         else:
             stale = time.time() - modified > STALE_AFTER_S
