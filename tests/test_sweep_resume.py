@@ -92,6 +92,21 @@ def test_results_of_another_config_are_never_replaced_and_incomplete_ones_never_
     assert rerun["metrics"]["sparsity"] == other["metrics"]["sparsity"]
 
 
+def test_an_edited_metric_in_results_json_is_not_served_to_a_rerun(tmp_path, tiny_hf_dir, data_root):
+    """A complete results.json whose numbers changed after it was written is computed again, not skipped."""
+    from prunelab import runner
+
+    run_dir = tmp_path / "run"
+    first = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.3"), run_dir)
+    payload = json.loads((run_dir / "results.json").read_text())
+    payload["metrics"]["perplexity"]["wikitext2"]["ppl"] = 1.0  # still valid JSON, still "complete"
+    (run_dir / "results.json").write_text(json.dumps(payload))
+    again = runner.run(_compose(tiny_hf_dir, data_root, tmp_path / "cache", "sparsity=0.3"), run_dir)
+    assert not (run_dir / "skipped.json").exists()
+    assert again["metrics"]["perplexity"]["wikitext2"]["ppl"] == first["metrics"]["perplexity"]["wikitext2"]["ppl"] != 1.0
+    assert json.loads((run_dir / "results.json").read_text())["metrics"]["perplexity"]["wikitext2"]["ppl"] != 1.0
+
+
 def test_the_fingerprint_reads_the_same_from_the_live_config_and_from_results_json():
     from prunelab.tracking.results import config_fingerprint
 

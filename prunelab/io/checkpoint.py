@@ -9,7 +9,11 @@ any moment therefore leaves the previous complete checkpoint or the new one, nev
 saved again with ``None`` keeps its earlier file (the rewind weights are written once).
 
 Loading verifies before it trusts: the format, the fingerprint of the run's configuration (a
-checkpoint of another configuration is refused, not resumed), and the size and sha256 of every file.
+checkpoint of another configuration is refused, not resumed), the checksums of ``state.json``'s own
+content (the step counters, the schedule's position, the optimizer's hyper-parameters: an edited
+value is refused, not resumed from), and the size and sha256 of every file. A checkpoint folder that
+is a symbolic link is refused (nothing is read or written through it), and files are written under
+fresh names with the permissions of any new file (``0666 & ~umask``), never through a planted link.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunelab.io.checksums import seal, seal_problem, unsealed
 from prunelab.io.shards import sha256_file
-from prunelab.tracking.results import current_umask
+from prunelab.io.staging import replacing, write_new
 
 log = logging.getLogger(__name__)
 
 FORMAT = "prunelab-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: state.json carries checksums of its content
 STATE = "state.json"
 _FILE = re.compile(r"^(?P<group>[a-z_]+)-(?P<generation>\d+)\.safetensors$")
 
@@ -74,23 +79,38 @@ class CheckpointStore:
 
         Reads no tensors: the runner calls it before the model loads (a wrong checkpoint stops early).
         """
+        self._refuse_link()
         if not self.exists():
             return None
-        remedy = f"delete {self.folder} to start this run again, or choose another run folder (hydra.run.dir=...)"
+        remedy = self.remedy()
         try:
             state = json.loads(self.state_path.read_text())
         except (OSError, ValueError) as error:
             raise CheckpointError(f"checkpoint {self.state_path} is unreadable ({error}); {remedy}") from None
-        if state.get("format") != FORMAT or state.get("version") != VERSION:
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
             raise CheckpointError(f"{self.state_path} is not a {FORMAT} v{VERSION} file; {remedy}")
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"the checkpoint in {self.folder} was written by a run with another configuration; "
                                   f"rerun with the same overrides to resume, or {remedy}")
+        problem = seal_problem(state)
+        if problem:
+            raise CheckpointError(f"checkpoint {self.state_path} cannot be trusted: {problem}; {remedy}")
+        state = unsealed(state)
         for entry in state["files"].values():  # the cheap checks now; sha256 in load()
             path = self.folder / entry["file"]
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
                 raise CheckpointError(f"checkpoint file {path} is missing or has the wrong size; {remedy}")
         return state
+
+    def remedy(self) -> str:
+        """What a user does about a checkpoint that cannot be used (the options this run really has)."""
+        return (f"delete {self.folder} to start this run again, run it with checkpoint.enabled=false (no resume, "
+                f"no checkpoints), or choose another run folder (hydra.run.dir=...)")
+
+    def _refuse_link(self) -> None:
+        if self.folder.is_symlink():
+            raise CheckpointError(f"{self.folder} is a symbolic link; prunelab reads and writes checkpoints only in "
+                                  f"the run folder itself: remove the link, or run with checkpoint.enabled=false")
 
     def load(self) -> Checkpoint | None:
         """The last checkpoint, every file verified (size and sha256), tensors on the CPU."""
@@ -108,7 +128,7 @@ class CheckpointStore:
             elif sha256_file(path) != entry["sha256"]:
                 problem = "does not match its recorded sha256"
             if problem:
-                raise CheckpointError(f"checkpoint file {path} {problem}; delete {self.folder} to start this run again")
+                raise CheckpointError(f"checkpoint file {path} {problem}; {self.remedy()}")
             tensors[group] = load_file(os.fspath(path))
         self._files = dict(state["files"])
         self.generation = int(state["generation"])
@@ -123,6 +143,7 @@ class CheckpointStore:
         once that training has finished).
         """
         started = time.perf_counter()
+        self._refuse_link()
         self.folder.mkdir(parents=True, exist_ok=True)
         generation = self.generation + 1
         files: dict[str, dict[str, Any]] = {}
@@ -135,20 +156,16 @@ class CheckpointStore:
                 files[group] = self._files[group]
                 continue
             name = f"{group}-{generation}.safetensors"
-            partial = self.folder / (name + ".partial")
-            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, os.fspath(partial),
-                      metadata={"format": FORMAT, "group": group})
-            os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates its files 0600
-            _fsync(partial)
-            files[group] = {"file": name, "sha256": sha256_file(partial), "bytes": partial.stat().st_size}
-            os.replace(partial, self.folder / name)
-        state = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "generation": generation,
-                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "data": data}
-        partial = self.folder / (STATE + ".partial")
-        partial.write_text(json.dumps(state, indent=1, default=_json_default))
-        _fsync(partial)
+            with replacing(self.folder / name, self.folder / (name + ".partial")) as partial:
+                save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+                          os.fspath(partial), metadata={"format": FORMAT, "group": group})
+                _fsync(partial)
+                files[group] = {"file": name, "sha256": sha256_file(partial), "bytes": partial.stat().st_size}
+        state = seal({"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "generation": generation,
+                      "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "data": data}, default=_json_default)
         _fsync(self.folder)  # the renamed tensor files are on disk before state.json names them
-        os.replace(partial, self.state_path)
+        with replacing(self.state_path, self.folder / (STATE + ".partial")) as partial:
+            write_new(partial, json.dumps(state, indent=1))  # flushed to disk before the rename
         _fsync(self.folder)
         self._files, self.generation = files, generation
         self._remove_unnamed()

@@ -22,11 +22,14 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
+
+from prunelab.io.staging import replacing
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,9 @@ def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Te
 
     Args:
         model_or_state_dict: a module (its ``state_dict()`` is saved) or a mapping name -> tensor.
-        path: the file to write (parent folders are created).
+        path: the file to write (parent folders are created; written under a staging name and renamed
+            into place with the permissions of any new file, so a symbolic link at ``path`` is
+            replaced, never written through).
 
     Returns:
         A summary: ``{"path", "bytes", "tensors", "compressed", "dense", "aliases"}`` (counts of tensors).
@@ -139,7 +144,8 @@ def save_compressed(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Te
             tensors[name + VALUES_SUFFIX] = tensor.reshape(-1)[mask.reshape(-1)].clone()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
+    with replacing(Path(path)) as partial:
+        save_file(tensors, os.fspath(partial), metadata={METADATA_KEY: json.dumps(meta)})
     summary = {
         "path": path,
         "bytes": os.path.getsize(path),

@@ -2,7 +2,9 @@
 
 Tensors are keyed by parameter name (``model.layers.0.mlp.down_proj.weight``) and stored in
 the parameter's own layout (GPT-2's Conv1D: ``[in, out]``), so loading is a shape-checked copy
-or an element-wise product, whatever the architecture.
+or an element-wise product, whatever the architecture. Files are written under a staging name and
+renamed into place with the permissions of any new file (a symbolic link at the name is replaced,
+never written through).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunelab.io.staging import replacing
 from prunelab.models.adapters import select_modules
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,11 @@ def masks_from_model(model: nn.Module, targets: Sequence[str] = (".*",), skip: S
     return {f"{m.full_name}.weight": (m.module.weight.detach() != 0).cpu() for m in select_modules(model, targets, skip)}
 
 
+def _save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, file_format: str) -> None:
+    with replacing(Path(path)) as partial:
+        save_file(dict(tensors), os.fspath(partial), metadata={"format": file_format})
+
+
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write boolean keep-masks (True = kept) keyed by parameter name."""
     tensors = {}
@@ -40,7 +49,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> No
         if mask.dtype != torch.bool:
             raise ValueError(f"mask {name!r} has dtype {mask.dtype}; keep-masks must be boolean (True = kept)")
         tensors[name] = mask.detach().cpu().contiguous()
-    save_file(tensors, os.fspath(path), metadata={"format": MASKS_FORMAT})
+    _save(tensors, path, MASKS_FORMAT)
     log.info("saved %d keep-masks to %s", len(tensors), path)
 
 
@@ -51,7 +60,7 @@ def save_pruned_weights(
     tensors = {
         f"{m.full_name}.weight": m.module.weight.detach().cpu().contiguous() for m in select_modules(model, targets, skip)
     }
-    save_file(tensors, os.fspath(path), metadata={"format": WEIGHTS_FORMAT})
+    _save(tensors, path, WEIGHTS_FORMAT)
     log.info("saved %d pruned weights to %s", len(tensors), path)
 
 

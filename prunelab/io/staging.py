@@ -6,6 +6,12 @@ entry. A process killed with SIGKILL (or a full machine's OOM killer) cannot cle
 itself; its staging file or folder names the host (and PID namespace) and the process that wrote
 it, and the next writer into the same folder removes those whose process is gone on this host, or,
 from another host, that are older than a day. Only names of this exact form, directly in that folder, are touched.
+
+What these writes leave is meant to be shared: files get ``0666 & ~umask`` and folders ``0777 & ~umask``
+(as any new file, and as ``results.json``), not the 0600 that safetensors gives its files
+(:func:`share_tree`, :func:`replacing`). And a write never goes through a symbolic link planted where
+it writes: a staging file is created with ``O_EXCL | O_NOFOLLOW`` (:func:`write_new`), and a link at the
+target is replaced by the rename, its target never opened.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,85 @@ def _started_after(pid: int, moment: float) -> bool:
     except (OSError, ValueError, IndexError, StopIteration):  # no /proc, or it exited: no evidence either way
         return False
     return started > moment + 2.0  # btime has whole seconds
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (no window with umask 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def new_file_mode() -> int:
+    """The permissions any new file gets: ``0666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def new_folder_mode() -> int:
+    """The permissions any new folder gets: ``0777`` less the umask."""
+    return 0o777 & ~current_umask()
+
+
+def share_tree(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions of new files and folders.
+
+    For what prunelab has just written (safetensors creates its files 0600). Symbolic links are
+    left alone, and nothing is reached through them.
+    """
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, new_file_mode())
+        return
+    os.chmod(path, new_folder_mode())
+    for root, folders, files in os.walk(path):  # os.walk does not descend into linked folders
+        for name in folders:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), new_folder_mode())
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), new_file_mode())
+
+
+def write_new(path: Path, data: str | bytes) -> None:
+    """Write ``data`` into a new file at ``path`` (mode ``0666`` less the umask), never through a link.
+
+    Whatever is at ``path`` first (a stale partial file, or a planted symbolic link) is removed,
+    not opened: the link's target is left as it was. The file is flushed to disk before returning.
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def replacing(target: Path, partial: Path | None = None) -> Iterator[Path]:
+    """Yield a fresh path to write ``target``'s new content into; on success it replaces ``target``.
+
+    ``partial`` (default: a staging name beside ``target``) is cleared first, so a link planted there
+    is removed, not written through; the finished file gets the permissions of a new file and is
+    renamed over ``target`` (a link at ``target`` is replaced, its target never touched). On an
+    error the partial file is removed and ``target`` stays as it was.
+    """
+    partial = partial if partial is not None else staging_path(target)
+    partial.unlink(missing_ok=True)
+    try:
+        yield partial
+        if partial.is_symlink() or not partial.is_file():
+            raise OSError(f"{partial} is not the file just written (a symbolic link, or missing)")
+        os.chmod(partial, new_file_mode())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def staging_path(target: Path) -> Path:

@@ -7,7 +7,10 @@ in ``<cache_dir>/models/<model.name>-<file sha256[:16]>/``, keyed by the file's 
 ``MANIFEST.json`` (size and sha256 of every file written, and the GGUF's sha256). Every load
 verifies the manifest before trusting the folder. A conversion is staged in
 ``<folder>.tmp-<host>-<pid>-<random>`` and renamed into place; a finished folder is never
-replaced, and staging folders left by dead processes are removed before the next conversion.
+replaced, and staging folders left by dead processes are removed before the next conversion. The
+converted files get the permissions of any new file and folder (``0666``/``0777`` less the umask), so a
+shared cache is readable by whoever may read its folder. A cache folder that is a symbolic link is
+read (when it verifies) but never converted into.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from prunelab.config.schema import ModelConfig
 from prunelab.config.typed import typed
 from prunelab.io.shards import sha256_file
-from prunelab.io.staging import remove_stale_staging, staging_path
+from prunelab.io.staging import remove_stale_staging, share_tree, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,9 @@ def verify_manifest(folder: Path, gguf_sha256: str) -> None:
 
 def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
     """Convert into a staging folder beside ``target``, then rename it into place unless one exists."""
+    if target.is_symlink():  # a link that leads to no folder: nothing is written through it
+        raise ModelLoadError(f"model cache {target} is a symbolic link to {os.readlink(target)}, which is not a "
+                             f"converted model; remove the link and run again; it will be converted anew")
     models_dir = target.parent
     models_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(models_dir)
@@ -209,6 +215,7 @@ def _convert_into(gguf_path: Path, gguf_sha256: str, target: Path) -> None:
     try:
         log.info("converting %s into %s (once; ~1 min on a CPU)", gguf_path, target)
         convert_gguf_to_safetensors(gguf_path, staging)
+        share_tree(staging)  # safetensors writes 0600
         write_manifest(staging, gguf_path, gguf_sha256)
         try:
             staging.rename(target)

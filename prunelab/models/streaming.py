@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from prunelab.config.schema import ModelConfig
+from prunelab.io.checksums import seal, seal_problem
 from prunelab.io.shards import ShardReader, ShardWriter, sha256_file
 from prunelab.models.adapters import DecoderAdapter, get_adapter
 
@@ -222,6 +223,10 @@ class StreamedLayers:
         except (OSError, ValueError) as error:
             log.warning("%s is unreadable (%s); every layer is pruned again", path, error)
             record = None
+        problem = seal_problem(record) if record is not None else None
+        if problem:  # the tallies and the engine's notes are in no shard's sha256
+            log.warning("%s: %s; every layer is pruned again", path, problem)
+            record = None
         if record is not None and record.get("key") != key:
             log.warning("%s was written by a run of another config, calibration or source; every layer is pruned again", path)
             record = None
@@ -344,7 +349,7 @@ class StreamedLayers:
     def _save_progress(self) -> None:
         path = self.out / PROGRESS
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(self._progress))
+        partial.write_text(json.dumps(seal(self._progress)))
         partial.replace(path)
 
     def _tally(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -10,8 +10,10 @@ same windows, so the ratios are the same numbers; the first job stores them unde
 they are when the pass runs* (a fine-tuned or pruned model, as in an iterative schedule's later steps,
 never matches the dense one), the calibration windows' fingerprint, the method and its parameters,
 the statistics it asks for, the reduction (OWL's M), the batch size, device and dtype. A stored
-file is trusted only when it holds exactly these parts and one value per layer; anything else is
-recomputed and rewritten. The key and whether it was a hit are recorded in the run's results.
+file is trusted only when it holds exactly these parts and one value per layer, and its content
+matches the checksums stored beside it (``prunelab.io.checksums``: an edited ratio is caught, and the
+file named); anything else is recomputed and rewritten. The key and whether it was a hit are
+recorded in the run's results.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.io.staging import remove_stale_staging, staging_path
+from prunelab.io.checksums import seal, seal_problem
+from prunelab.io.staging import remove_stale_staging, replacing, write_new
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: with checksums of the content
 
 
 def parts_digest(parts: Mapping[str, Any]) -> str:
@@ -74,6 +77,10 @@ class PrepassCache:
             return None
         try:
             stored = json.loads(path.read_text())
+            problem = seal_problem(stored)
+            if problem:
+                log.warning("pre-pass cache %s: %s; computing it again", path, problem)
+                return None
             values = stored["values"]
             ok = (stored.get("format") == FORMAT and stored.get("parts") == json.loads(json.dumps(parts, default=str))
                   and isinstance(values, list) and len(values) == count
@@ -87,14 +94,10 @@ class PrepassCache:
         return [None if v is None else float(v) for v in values]
 
     def save(self, parts: dict[str, Any], values: Sequence[float | None]) -> Path:
-        """Write atomically (a temporary file renamed into place)."""
+        """Write atomically (a temporary file renamed into place), with checksums of the content."""
         path = self.path(self.key(parts))
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.folder)
-        tmp = staging_path(path)
-        try:
-            tmp.write_text(json.dumps({"format": FORMAT, "parts": parts, "values": list(values)}, default=str))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with replacing(path) as tmp:
+            write_new(tmp, json.dumps(seal({"format": FORMAT, "parts": parts, "values": list(values)})))
         return path

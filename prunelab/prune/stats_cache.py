@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunelab.device import aligned
 from prunelab.io.shards import sha256_file
-from prunelab.io.staging import remove_stale_staging, staging_path
+from prunelab.io.checksums import seal, seal_problem
+from prunelab.io.staging import remove_stale_staging, share_tree, staging_path
 from prunelab.models.adapters import PrunableModule
 from prunelab.prune.methods.base import InputStats
 from prunelab.prune.prepass_cache import parts_digest
@@ -88,7 +90,8 @@ class StatsEntry:
             entry = InputStats(mod.in_features, needs, device)
             for field in _FIELDS:
                 if getattr(entry, field) is not None:
-                    setattr(entry, field, tensors[f"{owner}.{field}"])
+                    # in fresh memory: a view into the file's buffer may send a solver down another code path
+                    setattr(entry, field, aligned(tensors[f"{owner}.{field}"]))
             entry.ntokens = int(meta["ntokens"][owner])
             stats[owner] = stats[mod.name] = entry
         return stats
@@ -129,8 +132,9 @@ class StatsEntry:
         """Write the manifest and move the entry into place (another job's identical entry wins)."""
         if self._tmp is None or not self._tmp.exists():
             return
-        manifest = {"format": FORMAT, "parts": self.parts, "files": self._files, "layers": self._meta}
+        manifest = seal({"format": FORMAT, "parts": self.parts, "files": self._files, "layers": self._meta})
         try:
+            share_tree(self._tmp)  # safetensors writes 0600: a shared cache gets the umask's permissions
             (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             os.replace(self._tmp, self.folder)
         except OSError:  # a complete entry is already there (a parallel job), or the disk is full: keep what is there
@@ -173,6 +177,10 @@ class StatsCache:
     def _verified(folder: Path, parts: Any) -> dict[str, Any] | None:
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
+            problem = seal_problem(manifest)  # the token counts and shared inputs are in no tensor's sha256
+            if problem:
+                log.warning("stats cache %s: %s: computing it again", folder / MANIFEST, problem)
+                return None
             if manifest.get("format") != FORMAT or manifest.get("parts") != parts:
                 log.warning("stats cache %s does not hold what its key names: computing it again", folder)
                 return None

@@ -17,26 +17,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from prunelab.device import cpu_name, device_info  # noqa: F401  (re-exported: results.json's device record)
+from prunelab.io.checksums import CHECKSUMS, seal, seal_problem
+from prunelab.io.staging import current_umask, new_file_mode  # noqa: F401 (current_umask: imported from here too)
 from prunelab.tracking.files import COMPLETE, FAILED_FILE, RESULTS_FILE, SKIPPED_FILE
 
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("prunelab", "torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "datasets", "safetensors", "wandb", "gguf")
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux shows it (no window with umask 0)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -47,7 +35,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
             handle.write("\n")
@@ -80,42 +68,11 @@ def git_state(folder: Path | None = None) -> dict[str, Any]:
     return {"sha": sha, "dirty": bool(status.strip())}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """Where a run or a timing computed: the device's name, and what decides its summation order.
-
-    On the CPU, the SIMD level PyTorch's kernels dispatch to (``cpu_capability``) and the thread count
-    decide it, so two machines can agree to float rounding in a dense forward and still prune a few
-    weights differently. On CUDA: the GPU, its compute capability, CUDA and cuSPARSELt versions.
-    """
-    info: dict[str, Any] = {"type": device.type, "cpu": platform.machine(), "cpu_name": cpu_name(),
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        info.update(index=index, name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
-                    cuda=torch.version.cuda,
-                    cusparselt=torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None)
-    else:
-        info["name"] = info["cpu_name"]
-    return info
-
-
 def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     """Write the complete ``results.json`` (status "complete") and remove a stale failed.json / skipped.json."""
     path = Path(run_dir) / RESULTS_FILE
-    write_json_atomic(path, {"status": COMPLETE, **payload})
+    # sealed: a re-run trusts it only while every entry still has the sha256 it was written with
+    write_json_atomic(path, seal({"status": COMPLETE, **payload}))
     for name in (FAILED_FILE, SKIPPED_FILE):
         (Path(run_dir) / name).unlink(missing_ok=True)
     log.info("wrote %s", path)
@@ -171,7 +128,8 @@ def completed_before(run_dir: Path, fingerprint: str, replace: bool = False) -> 
 
     The fingerprint of the earlier run is recomputed from the ``config`` its results.json records, so
     results written before fingerprints existed are recognised too. An unreadable or incomplete file is
-    never trusted. With ``replace`` (``redo=true``) any earlier results are left to be replaced.
+    never trusted, nor one whose entries no longer match the checksums written with them (an edited
+    metric is not served to a sweep run again). With ``replace`` (``redo=true``) any earlier results are left to be replaced.
 
     Raises:
         ForeignResults: the folder holds complete results of another config (and not ``replace``): a run
@@ -188,6 +146,10 @@ def completed_before(run_dir: Path, fingerprint: str, replace: bool = False) -> 
         log.warning("%s is unreadable (%s): the run goes ahead and replaces it", path, err)
         return None
     if not isinstance(previous, dict) or previous.get("status") != COMPLETE or not isinstance(previous.get("config"), dict):
+        return None
+    problem = seal_problem(previous) if CHECKSUMS in previous else None  # results of before the seal: fingerprint only
+    if problem:
+        log.warning("%s %s: not trusted; the run goes ahead and replaces it", path, problem)
         return None
     if config_fingerprint(previous["config"]) != fingerprint:
         raise ForeignResults(f"{run_dir} holds the complete results of another configuration; run into another folder "
