@@ -56,7 +56,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("p20_wanda", "~20% params: Wanda-sp", f"{P20} structure.score=wanda"),
     ("p20_flap", "~20% params: FLAP", f"{P20} structure.score=flap"),
     ("p20_taylor", "~20% params: Taylor", f"{P20} structure.score=taylor"),
-    ("p20_flap_global", "~20% params: FLAP, global ranking", f"{P20} structure.score=flap structure.allocation=global"),
+    ("p20_flap_global", "~20% params: FLAP, adaptive widths (AL-MM)", f"{P20} structure.score=flap structure.allocation=global"),
+    # 27% of the heads' (q rows, o columns) and neurons' parameters = ~20% of SmolLM2-135M's parameters
+    ("p20_flap_al_am", "~20% params: FLAP, heads + neurons (AL-AM)",
+     "structure=heads_neurons structure.fraction=0.27 structure.score=flap structure.allocation=global"),
 ]
 DENSE_RUN = RESULTS / "cpu-budget" / "runs" / "dense" / "results.json"
 
@@ -145,6 +148,13 @@ def latency(names: list[str], compile: bool, repeats: int, note: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- table
+def _units_removed(st: dict[str, Any]) -> str:
+    """``9210 of 46080 neurons``; heads and neurons together: ``42 heads + 11490 neurons``."""
+    if isinstance(st["removed"], dict):
+        return " + ".join(f"{sum(map(len, rows))} {kind}" for kind, rows in st["removed"].items())
+    return f"{st['units_before'] - st['units_after']} of {st['units_before']} {st['unit']}"
+
+
 def table() -> str:
     """The README table from the runs' results.json and latency.json; also checks decode speed-up >= 0.8 x MACs."""
     timing = json.loads((HERE / "latency.json").read_text())["rows"]
@@ -171,7 +181,7 @@ def table() -> str:
         dense_compiled = (dense["latency"].get("decode_compiled") or {}).get("ms_per_token", {}).get("median")
         speed_compiled = dense_compiled / compiled if compiled and dense_compiled else None
         mac_ratio = dense["macs_per_token"] / t["macs_per_token"]
-        units = f"{st['units_before'] - st['units_after']} of {st['units_before']} {st['unit']}" if st else "–"
+        units = _units_removed(st) if st else "–"
         removed = f"{100 * st['params_removed_fraction']:.1f}%" if st else "–"
         compiled_text = f"{compiled:.2f}" if compiled else "–"
         speed_text = f"x{speed_eager:.2f} / " + (f"x{speed_compiled:.2f}" if speed_compiled else "–")

@@ -278,25 +278,19 @@ class StructureStep:
             if st.name == "layers":
                 calib = None if st.score == "last" else self._calibration()
                 plan = pipeline.plan_layers(model, st.score, int(st.count), calib, compute)
-            else:
-                stats = grads = None
-                if st.score in ("wanda", "flap"):
-                    stats = pipeline.channel_stats(model, self._calibration(), st.name, compute, batch)
-                elif st.score == "taylor":
-                    grads = pipeline.taylor_gradients(model, self._calibration(), batch)
-                scores = pipeline.unit_scores(model, st.name, st.score, stats=stats, grads=grads)
-                plan = pipeline.plan_units(model, st.name, st.score, float(st.fraction), scores, str(st.allocation),
-                                           [int(i) for i in st.protect], stats, str(st.heads))
-                del grads
+            else:  # the score's needs (statistics, gradients) are the pipeline's to decide
+                plan = pipeline.plan_structure(model, st.name, st.score, float(st.fraction), self._calibration,
+                                               str(st.allocation), [int(i) for i in st.protect], str(st.heads),
+                                               compute, batch)
         with self.timer("structure_surgery"):
             standard = pipeline.apply_plan(model, plan)
         params_after = sum(p.numel() for p in model.parameters())
         widths = surgery.layer_widths(model)
         if plan.unit == "layers":
             units_before, units_after = len(widths_before), len(widths)
-        else:
-            key = "heads" if plan.unit == "heads" else "mlp"
-            units_before, units_after = sum(w[key] for w in widths_before), sum(w[key] for w in widths)
+        else:  # heads_neurons: heads + neurons
+            keys = [{"heads": "heads", "neurons": "mlp"}[kind] for kind in pipeline.kinds(plan.unit)]
+            units_before, units_after = (sum(w[k] for w in ws for k in keys) for ws in (widths_before, widths))
         record = {"unit": plan.unit, "score": plan.score, "removed": plan.removed, "scores": plan.scores,
                   "units_before": units_before, "units_after": units_after,
                   "units_removed_fraction": 1 - units_after / units_before,
@@ -321,7 +315,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> str:
     if getattr(config, "prunelab_widths", None) or getattr(config, "prunelab_added_biases", False):
         log.warning("%s: widths that differ per layer or added biases: load it with prunelab (model=hf "
                     "model.path=%s); plain from_pretrained would refuse the shapes or drop the biases", folder, folder)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    from prunelab.io.shards import save_model_folder
+
+    save_model_folder(model, tokenizer, folder)  # replaces another model saved there; umask permissions; no links
     log.info("saved the model to %s", folder)
     return str(folder)

@@ -149,6 +149,25 @@ def test_a_structured_run_shrinks_trains_saves_and_plain_transformers_reloads_it
     assert text.startswith("The") and len(text) > 3
 
 
+def test_heads_and_neurons_ranked_together_from_the_command_line(tmp_path, tiny_hf_dir, data_root, cache_dir):
+    import json
+
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=heads_neurons", "structure.fraction=0.3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["structure"]
+    assert record["unit"] == "heads_neurons" and record["score"] == "flap"  # the config's defaults: AL-AM
+    heads = sum(map(len, record["removed"]["heads"]))
+    neurons = sum(map(len, record["removed"]["neurons"]))
+    assert record["units_before"] - record["units_after"] == heads + neurons
+    # a query head owns 8 q rows and 8 o columns of width 32, a neuron gate + up rows and a down column;
+    # FLAP adds a bias of 32 to every o_proj / down_proj that lost something
+    biases = 32 * sum(1 for kind in ("heads", "neurons") for layer in record["removed"][kind] if layer)
+    removed = heads * 2 * 8 * 32 + neurons * 3 * 32
+    assert record["params_before"] - record["params_after"] == removed - biases
+    total = 2 * (4 * 2 * 8 * 32 + 64 * 3 * 32)  # every head's and neuron's parameters in the 2 layers
+    assert abs(removed - 0.3 * total) <= 2 * 8 * 32 * 2  # within one unit (a slice: a head of each KV group)
+
+
 def test_prune_then_lora_recovery_is_one_command_on_a_shrunk_model(tmp_path, tiny_hf_dir, data_root, cache_dir):
     """LLM-Pruner's recipe: remove heads for real, then LoRA on the smaller projections, merged."""
     import json
@@ -330,7 +349,8 @@ def test_gpt2_with_heads_removed_reloads_through_prunelabs_loader(tmp_path):
 
 
 @pytest.mark.parametrize("make,kwargs,needle", [
-    (_model, dict(unit="heads", fraction=0.5, allocation="global"), "grouped-query attention"),
+    (_model, dict(unit="heads", fraction=0.9, allocation="global"), "every layer keeps one"),
+    (_model, dict(unit="neurons", fraction=0.001, allocation="global"), "removes 0 of the 4 layers x 48 neurons"),
     (_model, dict(unit="heads", fraction=0.2), "removes 0 of the 2"),
     (_model, dict(unit="neurons", fraction=0.001), "rounds to none"),
     (_model, dict(unit="neurons", fraction=0.5, protect=[0, 1, 2, 3]), "every layer"),
@@ -344,7 +364,9 @@ def test_plans_that_cannot_work_are_refused_before_any_statistics(make, kwargs, 
 def test_a_plan_refused_after_the_load_is_one_line_before_any_statistics(tmp_path, tiny_hf_dir, data_root, cache_dir):
     import json
 
-    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=heads", "structure.allocation=global")
+    proc = _cli(tmp_path, tiny_hf_dir, data_root, cache_dir, "structure=heads", "structure.allocation=global",
+                "structure.fraction=0.9")
     said = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "grouped-query attention" in said and "Traceback" not in said
-    assert json.loads((tmp_path / "run" / "failed.json").read_text())["phase"] == "structure_check"
+    assert proc.returncode == 2 and "every layer keeps one" in said and "Traceback" not in said
+    # the plan check runs on the meta model in the preflight (before the load) or right after the load
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["phase"] in ("preflight", "structure_check")

@@ -73,10 +73,27 @@ def test_flap_bias_compensation_keeps_the_mean_output_on_the_calibration_set():
     assert (without - dense_mean).abs().max() > 0.1  # the compensation is what closes the gap
 
 
-def test_flap_standardises_each_module_kind_over_all_layers():
-    scores = flap.standardize([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
-    flat = torch.cat(scores)
-    assert flat.mean().item() == pytest.approx(0.0, abs=1e-6) and flat.std().item() == pytest.approx(1.0, abs=1e-6)
+def test_standardisation_is_per_layer_then_a_heads_mean_over_its_channels():
+    from prunelab.prune.structured import select
+
+    values = [1.0, 2.0, 4.0, 9.0]  # one layer's channels; two units of two channels
+    mean = sum(values) / 4
+    std = (sum((v - mean) ** 2 for v in values) / 3) ** 0.5  # unbiased, as the authors' torch.std
+    z = [(v - mean) / std for v in values]
+    got = select.standardize(torch.tensor(values), width=2)
+    assert got.tolist() == pytest.approx([(z[0] + z[1]) / 2, (z[2] + z[3]) / 2], rel=1e-6)
+    assert select.standardize(torch.tensor([3.0, 3.0, 3.0])).tolist() == [0.0, 0.0, 0.0]  # no spread: no NaN
+
+
+def test_flap_scores_a_head_by_its_squared_channel_metric():
+    x, w = _rand(40, 6) + 1.0, _rand(3, 6)
+    var = x.var(0, unbiased=False)
+    got = flap.unit_scores(w, var, width=3, unit="heads")
+    for head in range(2):
+        want = sum((var[j].item() * w[:, j].pow(2).sum().item()) ** 2 for j in range(3 * head, 3 * head + 3))
+        assert got[head].item() == pytest.approx(want, rel=1e-5)
+    neurons = flap.unit_scores(w, var, width=1)  # a neuron is one channel, not squared
+    assert neurons.tolist() == pytest.approx([var[j].item() * w[:, j].pow(2).sum().item() for j in range(6)], rel=1e-5)
 
 
 def test_taylor_is_abs_weight_times_gradient_summed_over_the_unit_with_real_autograd():
@@ -173,6 +190,19 @@ def test_global_ranking_takes_the_lowest_everywhere_but_keeps_every_layer_alive(
     assert select.global_ranking(scores, 0.3, min_keep=2) == [[0], [2]]
     with pytest.raises(ValueError, match="keeps 2"):
         select.global_ranking(scores, 0.5, min_keep=2)  # a third unit would leave a layer with one
+
+
+def test_a_budget_over_two_kinds_stops_closest_to_the_share_of_parameters():
+    from prunelab.prune.structured import select
+
+    heads = [torch.tensor([0.0, 3.0]), torch.tensor([1.5, 2.5])]  # cost 10 each
+    neurons = [torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.tensor([0.2, 5.0, 6.0, 7.0])]  # cost 1 each
+    # total 4 x 10 + 8 x 1 = 48; 25% = 12. Lowest first: h(0,0) 10, n(1,0) 11, n(0,0) 12 -> exactly 12, then
+    # n(0,1) would make 13, farther than 12: stop.
+    got = select.global_budget([heads, neurons], [[10, 10], [1, 1]], 0.25)
+    assert got == [[[0], []], [[0], [0]]]
+    # 40% = 19.2: ... 12, n(0,1) 13, h(1,0) 23 is farther from 19.2 than 13 is? |23-19.2|=3.8 < |13-19.2|=6.2: taken
+    assert select.global_budget([heads, neurons], [[10, 10], [1, 1]], 0.4) == [[[0], [0]], [[0, 1], [0]]]
 
 
 def test_gqa_head_selection_respects_the_groups():
