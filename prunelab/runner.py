@@ -7,6 +7,7 @@ seconds. ``results.json`` is written only when every step finished; a failure wr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -22,13 +23,14 @@ from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import steps
-from prunelab.config.schema import ConfigError, PrunelabConfig, validate, validate_for_model
+from prunelab.config.schema import ConfigError, PrunelabConfig, unapplied_warnings, validate, validate_for_model
 from prunelab.config.typed import run_config
 from prunelab.data import sources
+from prunelab.device import arithmetic_identity
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
-from prunelab.tracking.objective import metric_paths, objective, summary_entries
+from prunelab.tracking.objective import check_numbers, metric_paths, objective, summary_entries
 from prunelab.tracking.files import SKIPPED_FILE
 from prunelab.tracking.results import (ForeignResults, completed_before, config_fingerprint, device_info, git_state, package_versions,
                                         write_failure, write_results, write_skipped)
@@ -96,6 +98,88 @@ def available_memory(device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def check_method_pattern(method: Any, pattern: Pattern) -> None:
+    """SparseGPT chooses N:M groups inside its column blocks, so ``blocksize`` must be a multiple of M."""
+    blocksize = getattr(method, "blocksize", None)
+    if pattern.is_nm and blocksize is not None and int(blocksize) % pattern.m:
+        fit = max(pattern.m, int(blocksize) - int(blocksize) % pattern.m)
+        raise ConfigError(f"method.params.blocksize={blocksize} must be a multiple of M={pattern.m} for "
+                          f"pattern={pattern}; set method.params.blocksize={fit}")
+
+
+def preflight_tokenizer(conf: PrunelabConfig) -> Any | None:
+    """The model's tokenizer without its weights: a local folder's, a GGUF model's converted folder's, else its
+    GGUF file's (seconds); None for a hub id (the load fetches it) or a tokenizer that cannot be read."""
+    from transformers import AutoTokenizer
+
+    from prunelab.models.loading import cache_folder, gguf_sha256
+
+    model = conf.model
+    try:
+        if model.source == "hf":
+            folder = Path(str(model.path)).expanduser()
+            if not folder.is_dir():
+                return None
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(model.trust_remote_code))
+        path = gguf_path(model)
+        converted = cache_folder(str(model.name), gguf_sha256(path), conf.cache_dir)
+        if converted.is_dir():
+            return AutoTokenizer.from_pretrained(str(converted))
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # a damaged or remote-code tokenizer: the load says what is wrong
+        log.debug("tokenizer not readable before loading: %s", err)
+        return None
+
+
+def _local(data_root: str | None, relative: Path) -> bool:
+    """Whether the data root holds ``relative`` (only local data is read to be checked, never the hub's)."""
+    return bool(data_root) and (Path(str(data_root)).expanduser() / relative).is_file()
+
+
+def check_token_counts(conf: PrunelabConfig, max_positions: int | None, needs_calibration: bool) -> None:
+    """Lengths the local data must be long enough for: a calibration document longer than ``calib.seqlen``,
+    a fine-tuning corpus of ``finetune.seqlen`` tokens, an evaluation stream of one window.
+
+    Text is tokenized only where its size leaves the answer open, with the tokenizer read on first need.
+    """
+    from prunelab.data.calibration import CalibrationError, check_window_fits, local_calibration_source
+    from prunelab.train.data import TrainDataError, check_corpus_holds_window, corpus_documents
+
+    tokenizer = functools.cache(lambda: preflight_tokenizer(conf))
+    calib = local_calibration_source(conf.calib.source, conf.data_root) if needs_calibration else None
+    ft = conf.finetune
+    local_corpus = ft.corpus == "files" or (ft.corpus == "c4" and _local(conf.data_root, sources.C4_VALIDATION))
+    try:
+        if calib is not None:
+            check_window_fits(calib, tokenizer, int(conf.calib.seqlen))
+        if ft.name != "none" and local_corpus:
+            check_corpus_holds_window(corpus_documents(ft, conf.data_root)[0], int(ft.seqlen), tokenizer)
+    except (CalibrationError, TrainDataError) as error:
+        raise ConfigError(str(error)) from None
+    ppl = conf.eval.perplexity
+    seqlen = ppl.seqlen or max_positions
+    for name in ppl.datasets if ppl.enabled and seqlen else []:
+        if _local(conf.data_root, sources.WIKITEXT2_TEST if name == "wikitext2" else sources.C4_VALIDATION):
+            check_stream_holds_window(sources.eval_source(name, conf.data_root), int(seqlen), tokenizer,
+                                      from_model=ppl.seqlen is None)
+
+
+def check_stream_holds_window(source: sources.TextSource, seqlen: int, tokenizer: Any, from_model: bool = False) -> None:
+    """Refuse an evaluation ``seqlen`` longer than the source's token stream (it would score no window)."""
+    from prunelab.data.calibration import size_verdict
+    from prunelab.data.tokens import eval_stream
+
+    verdict = size_verdict(sum(len(d.encode()) + 2 for d in source.documents), 1, seqlen)  # + the separators
+    if verdict is None:
+        tok = tokenizer()
+        verdict = tok is None or eval_stream(source, tok, seqlen).numel >= seqlen
+    if not verdict:
+        key = (f"eval.perplexity.seqlen=null (the model's max_position_embeddings, {seqlen})" if from_model
+               else f"eval.perplexity.seqlen={seqlen}")
+        raise ConfigError(f"{key} is longer than the whole {source.name} evaluation stream ({source.description}), "
+                          f"so no window can be scored; set eval.perplexity.seqlen to fewer tokens (2048)")
+
+
 @dataclass
 class Checked:
     """What preflight established: the run's typed config, the parsed pattern, the method (None for
@@ -126,6 +210,7 @@ def preflight(cfg: DictConfig) -> Checked:
             method = build_method(conf.method.name, dict(conf.method.params))
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from None
+        check_method_pattern(method, pattern)
         if steps.needs_calibration(method):
             sources.check_available(conf.calib.source, conf.data_root, purpose="calib")
     if conf.eval.perplexity.enabled:
@@ -142,12 +227,15 @@ def preflight(cfg: DictConfig) -> Checked:
         except OfflineDataError as error:
             raise sources.DataUnavailableError(str(error)) from error
     check_writable(conf.cache_dir, "cache_dir")
-    warnings: list[str] = []
+    warnings = unapplied_warnings(conf)
     facts = read_model_facts(conf.model, gguf_path(conf.model) if conf.model.source == "gguf_package" else None, conf.cache_dir)
     if facts is not None:
-        warnings = validate_for_model(conf, facts, available_memory(str(conf.prune.device)), steps.needs_calibration(method))
+        train_memory = available_memory(str(conf.device)) if conf.finetune.name != "none" else None
+        warnings += validate_for_model(conf, facts, available_memory(str(conf.prune.device)),
+                                       steps.needs_calibration(method), train_memory)
     elif conf.allocation.name == "explicit":
         log.warning("the model's layer count is not known before loading: allocation.layers is checked after the load")
+    check_token_counts(conf, facts.max_positions if facts is not None else None, steps.needs_calibration(method))
     for warning in warnings:
         log.warning("%s", warning)
     return Checked(conf, pattern, method, facts, warnings)
@@ -239,11 +327,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             torch.manual_seed(conf.seed)
             device = resolve_device(str(conf.device))
             payload["device"] = device_info(device)
+            if saved is not None:
+                warn_other_machine(saved["data"]["job"].get("machine"), payload)
         if conf.model.stream:  # never loaded whole: pruned from disk into <run>/model, one layer in memory
             metrics = steps.StreamedPruneStep(conf, checked.method, checked.pattern, payload, timer, run_dir)()
         else:
             metrics = run_in_memory(conf, checked, payload, timer, logger, run_dir, device, store, saved)
         payload["metrics"] = metrics
+        with timer("record"):  # a NaN, inf or missing metric fails the run (failed.json keeps the metrics)
+            check_numbers(metrics, conf)
         payload["objective"] = objective(metrics, metric_paths(conf))
         payload["timings"] = timer.seconds
         if conf.model.note:
@@ -289,6 +381,17 @@ def run_in_memory(conf: PrunelabConfig, checked: Checked, payload: dict[str, Any
             metrics["structure"]["saved"] = steps.save_model(model, tokenizer, run_dir / "model")
     metrics.update(evaluate(model, tokenizer, conf, device, run_dir, timer))
     return metrics
+
+
+def warn_other_machine(saved: dict[str, Any] | None, payload: dict[str, Any]) -> None:
+    """A checkpoint written on another kind of machine resumes correctly, but not bit for bit: say so."""
+    now = arithmetic_identity(payload["device"])
+    if saved is not None and saved != now:
+        differs = ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in now if saved.get(key) != now.get(key))
+        message = (f"resuming a checkpoint written on another machine ({differs}): the run goes on, but its numbers "
+                   "are not bit for bit those of an uninterrupted run")
+        log.warning(message)
+        payload.setdefault("warnings", []).append(message)
 
 
 def checkpoint_store(cfg: PrunelabConfig, fingerprint: str, checked: Checked, run_dir: Path):

@@ -44,6 +44,8 @@ def test_groups_are_the_documented_ones():
 def test_every_config_composes_and_validates(override):
     companions = {  # options that only make sense with another setting
         "model=hf": ["model.path=some-org/some-model"],
+        "allocation=owl": ["method=wanda"],  # dense and structured runs prune no weights to allocate
+        "allocation=explicit": ["method=wanda"],
         "schedule=iterative": ["method=wanda"],
         "schedule=lottery": ["method=magnitude", "finetune=masked"],
     }

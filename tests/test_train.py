@@ -152,7 +152,7 @@ def _cli(*args: str, cache_dir: Path, data_root: Path, timeout: int = 300) -> su
         (["finetune=lora", "finetune.lora.targets=[q_proj,qkv_proj]"], "qkv_proj name no Linear module of this model"),
         (["finetune=masked", "finetune.corpus=files"], "finetune.corpus=files needs finetune.files"),
         (["finetune=masked", "finetune.scheduler=wavy"], "finetune.scheduler='wavy' is not valid"),
-        (["finetune=sideways"], "Could not find 'finetune/sideways'"),
+        (["finetune=sideways"], "finetune=sideways: no such option; choose one of lora, masked, none"),
     ],
 )
 def test_bad_fine_tuning_settings_stop_before_the_model_loads(tmp_path, cache_dir, data_root, tiny_hf_dir, args, needle):

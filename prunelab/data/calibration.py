@@ -18,31 +18,98 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from prunelab.config.schema import CalibConfig
 from prunelab.config.typed import typed
 
-from prunelab.data.sources import TextSource, calibration_source
+from prunelab.data.sources import C4_VALIDATION, TextSource, calibration_source
 from prunelab.data.tokens import ids_fingerprint, tokenizer_fingerprint
 from prunelab.io.staging import remove_stale_staging, staging_path
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: the file holds {key, fingerprint, windows}, not a bare tensor
+MAX_ADDED_TOKENS = 8  # special tokens one tokenizer call may add (BOS, EOS, a SentencePiece prefix)
+BYTES_PER_TOKEN_CEILING = 16  # no causal LM's tokenizer averages more UTF-8 bytes per token on text
 
 
 class CalibrationError(ValueError):
     """The calibration set cannot be built with these settings."""
 
 
+def size_verdict(size: int, calls: int, count: int) -> bool | None:
+    """Whether text of ``size`` UTF-8 bytes, tokenized in ``calls`` calls, holds at least ``count`` tokens, where
+    its size alone tells: False when even a token per byte (plus ``MAX_ADDED_TOKENS`` per call) falls short,
+    True when falling short would take over ``BYTES_PER_TOKEN_CEILING`` bytes per token; None otherwise
+    (only tokenizing tells). A token covers at least one byte in byte-level BPE, SentencePiece (byte
+    fallback) and WordPiece alike."""
+    if size + calls * MAX_ADDED_TOKENS < count:
+        return False
+    if size >= BYTES_PER_TOKEN_CEILING * count:
+        return True
+    return None
+
+
+def text_holds_tokens(texts: Sequence[str], count: int, tokenizer: Callable[[], Any], per_text: int = 0) -> bool:
+    """Whether ``texts``, each tokenized on its own plus ``per_text`` tokens (an EOS), hold ``count`` tokens in all.
+
+    Decided by size where it can (:func:`size_verdict`); otherwise ``tokenizer()`` (None: cannot tell, so
+    True) tokenizes the texts until the count is reached.
+    """
+    verdict = size_verdict(sum(len(t.encode()) + per_text for t in texts), len(texts), count)
+    if verdict is not None:
+        return verdict
+    tok = tokenizer()
+    if tok is None:
+        return True
+    total = 0
+    for text in texts:
+        total += len(tok(text).input_ids) + per_text
+        if total >= count:
+            return True
+    return False
+
+
+def _documents(source: TextSource) -> list[str]:
+    """What windows are drawn from: the documents, or a single-stream source (WikiText-2) as one document."""
+    return ["\n\n".join(source.documents)] if source.name.startswith("wikitext2") else source.documents
+
+
+def _no_window(source: TextSource, seqlen: int) -> CalibrationError:
+    return CalibrationError(f"no document of {source.description} is longer than calib.seqlen={seqlen} tokens; "
+                            f"lower calib.seqlen")
+
+
+def local_calibration_source(name: str, data_root: str | os.PathLike | None) -> TextSource | None:
+    """The calibration source when it is read from the local data root (C4 documents 1100+), else None
+    (the hub's sources are not downloaded just to be checked)."""
+    if name == "c4" and data_root and (Path(data_root).expanduser() / C4_VALIDATION).is_file():
+        return calibration_source(name, data_root)
+    return None
+
+
+def check_window_fits(source: TextSource, tokenizer: Callable[[], Any], seqlen: int) -> None:
+    """Refuse ``calib.seqlen`` when no document is longer than it, before the model loads.
+
+    Documents are tried longest first and only those whose size leaves it open are tokenized
+    (``tokenizer()``; None: cannot tell). Raises the :class:`CalibrationError` sampling would raise.
+    """
+    sized = sorted(((len(d.encode()), d) for d in _documents(source)), key=lambda pair: pair[0], reverse=True)
+    for size, document in sized:
+        verdict = size_verdict(size, 1, seqlen + 1)
+        if verdict is False:  # this document and every shorter one hold too few tokens
+            break
+        if verdict or text_holds_tokens([document], seqlen + 1, tokenizer):
+            return
+    raise _no_window(source, seqlen)
+
+
 def sample_windows(source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Return ``LongTensor[nsamples, seqlen]`` of calibration windows (SparseGPT protocol)."""
-    documents = source.documents
-    if source.name.startswith("wikitext2"):
-        documents = ["\n\n".join(source.documents)]
+    documents = _documents(source)
     rng = random.Random(seed)
     encoded: dict[int, list[int]] = {}
     too_short: set[int] = set()
@@ -50,9 +117,7 @@ def sample_windows(source: TextSource, tokenizer, nsamples: int, seqlen: int, se
     for _ in range(nsamples):
         while True:
             if len(too_short) == len(documents):
-                raise CalibrationError(
-                    f"no document of {source.description} is longer than calib.seqlen={seqlen} tokens; lower calib.seqlen"
-                )
+                raise _no_window(source, seqlen)
             index = rng.randint(0, len(documents) - 1)
             if index not in encoded:
                 encoded[index] = tokenizer(documents[index]).input_ids

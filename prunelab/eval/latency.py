@@ -77,7 +77,9 @@ def summarize(samples: "benchmark.Measurement | list[float]", scale: float = 1.0
             "max": max(times), "runs": len(times), "samples": times}
 
 
-def _check_cfg(cfg: Any) -> None:
+def check_latency_config(cfg: Any) -> None:
+    """Refuse latency settings that cannot give a measurement (raises ValueError naming the key); the
+    runner calls it before the model loads."""
     if int(cfg.batch_size) < 1:
         raise ValueError(f"eval.latency.batch_size={cfg.batch_size} must be >= 1")
     if not cfg.prefill_lengths or any(int(n) < 1 for n in cfg.prefill_lengths):
@@ -306,7 +308,7 @@ def measure_latency(model: nn.Module, cfg: Any, device: str | torch.device | Non
     Raises:
         ValueError: a bad config value, or a model that is not on ``device``.
     """
-    _check_cfg(cfg)
+    check_latency_config(cfg)
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

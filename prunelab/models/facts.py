@@ -8,7 +8,7 @@ are checked in seconds, before minutes of loading or conversion.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -29,6 +29,9 @@ class ModelFacts:
     max_positions: int | None  # max_position_embeddings (None when the config has none)
     learned_positions: bool  # a position table (GPT-2, OPT): no position past max_positions exists
     linear_names: tuple[str, ...] = ()  # full names of the Linear (and GPT-2 Conv1D) modules
+    intermediate_size: int | None = None  # the MLP's width (None when the config does not say)
+    vocab_size: int | None = None
+    config: Any = field(default=None, compare=False, repr=False)  # the transformers config they were read from
 
 
 def facts_of(config: Any) -> ModelFacts:
@@ -36,21 +39,34 @@ def facts_of(config: Any) -> ModelFacts:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_positions = getattr(text, "max_position_embeddings", None)
     rotary = any(getattr(text, key, None) is not None for key in ("rope_parameters", "rope_scaling", "rope_theta"))
+    width = next((getattr(text, key) for key in ("intermediate_size", "n_inner", "ffn_dim") if getattr(text, key, None)),
+                 None)  # Llama-like, GPT-2 (None: 4 x hidden), OPT
+    vocab = getattr(text, "vocab_size", None)
     return ModelFacts(int(text.num_hidden_layers), int(text.hidden_size), int(max_positions) if max_positions else None,
-                      learned_positions=not rotary, linear_names=linear_module_names(config))
+                      learned_positions=not rotary, linear_names=linear_module_names(config),
+                      intermediate_size=int(width) if width else None, vocab_size=int(vocab) if vocab else None,
+                      config=config)
 
 
-def linear_module_names(config: Any) -> tuple[str, ...]:
-    """Names of the Linear modules of the model a config describes, built on the meta device (no memory,
-    milliseconds); empty when transformers cannot build it from the config alone."""
+def meta_model(config: Any) -> torch.nn.Module | None:
+    """The model a config describes, built on the meta device (shapes only: no memory, milliseconds);
+    None when transformers cannot build it from the config alone."""
     from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # remote code, unknown architecture: the check is skipped
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # remote code, unknown architecture: the checks that need it are skipped
         log.debug("no meta model for %s: %s", type(config).__name__, err)
+        return None
+
+
+def linear_module_names(config: Any) -> tuple[str, ...]:
+    """Names of the Linear modules of the model a config describes (empty when it cannot be built)."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = meta_model(config)
+    if model is None:
         return ()
     return tuple(name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)))
 
