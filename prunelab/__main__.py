@@ -1,4 +1,4 @@
-from prunelab.cli import main
+from prunelab.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

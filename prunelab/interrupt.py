@@ -1,9 +1,10 @@
-"""SIGTERM as an interruption: schedulers and timeouts send it, and a run must record that it stopped.
+"""Ctrl-C and SIGTERM as one kind of interruption: a run must record that it stopped, and how.
 
-Python turns SIGINT into ``KeyboardInterrupt`` but lets SIGTERM end the process at once, so no
-``finally`` runs and the run folder is left without ``failed.json``. Inside ``sigterm_interrupts()``
-SIGTERM raises ``RunInterrupted`` (a ``KeyboardInterrupt``) instead, so the same clean-up and record
-happen as for Ctrl-C.
+Python turns SIGINT into a bare ``KeyboardInterrupt`` (a traceback, exit 1, no signal named) and
+lets SIGTERM end the process at once, so no ``finally`` runs and the run folder is left without
+``failed.json``. Inside ``signal_interrupts()`` both raise ``RunInterrupted`` (a
+``KeyboardInterrupt`` that names its signal) instead, so the same clean-up and record happen, the
+CLI says so in one line and exits as a process stopped by that signal would (130, 143).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import signal
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -24,22 +27,25 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
-    # a second SIGTERM (schedulers repeat it) must not cut short the writing of failed.json
-    signal.signal(signum, signal.SIG_IGN)
+    # a second signal (schedulers repeat SIGTERM, people press Ctrl-C twice) must not cut short the
+    # writing of failed.json; SIGKILL (or Ctrl-\) still ends the process at once
+    for each in SIGNALS:
+        signal.signal(each, signal.SIG_IGN)
     raise RunInterrupted(signum)
 
 
 @contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block SIGTERM raises ``RunInterrupted``; the previous handler is restored after.
+def signal_interrupts() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise ``RunInterrupted``; the previous handlers are restored after.
 
     Signal handlers can only be set from the main thread; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = {each: signal.signal(each, _raise_interrupted) for each in SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for each, handler in previous.items():
+            signal.signal(each, handler)

@@ -60,3 +60,34 @@ def test_fingerprint_follows_the_tokens():
     b = TokenStream("x", torch.tensor([[1, 2, 3]]), "p", "o")
     c = TokenStream("x", torch.tensor([[1, 2, 4]]), "p", "o")
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are given: the loss arithmetic alone is under test."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # perplexity() reads the device off a parameter
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[: input_ids.shape[0]])
+
+
+def test_perplexity_equals_a_float64_reference_on_a_large_vocabulary():
+    """float32 logits of a 49k vocabulary, as SmolLM2 gives: the loss is summed without float32 drift.
+
+    The reference upcasts the same logits to float64 and takes logsumexp minus the target's logit.
+    """
+    generator = torch.Generator().manual_seed(0)
+    vocab, seqlen, windows = 49152, 600, 2
+    logits = (torch.randn(windows, seqlen, vocab, generator=generator) * 4 + torch.linspace(0, 20, vocab)).float()
+    ids = torch.randint(0, vocab, (1, windows * seqlen), generator=generator)
+    result = perplexity(_FixedLogits(logits), TokenStream("toy", ids, "toy", "test"), seqlen, batch_size=2, progress=False)
+    exact = logits.double()[:, :-1]
+    targets = ids.view(windows, seqlen)[:, 1:]
+    nll = torch.logsumexp(exact, dim=-1) - exact.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    reference = math.exp(nll.mean().item())
+    assert abs(result["ppl"] / reference - 1) <= 1e-9

@@ -216,6 +216,32 @@ def test_a_run_stopped_after_any_checkpoint_resumes_to_the_uninterrupted_result(
         _without_times(expected.get("calibration"))
 
 
+def test_a_checkpoint_resumed_on_another_machine_kind_says_it_is_not_bit_for_bit(tmp_path, monkeypatch, tiny_hf_dir,
+                                                                                  data_root):
+    """Another thread count sums in another order: the resume goes on, with a recorded warning."""
+    from prunelab.runner import run
+
+    cfg = _cfg(tiny_hf_dir, data_root, tmp_path / "cache", *RUNS["oneshot"])
+    original = ckpt.CheckpointStore.save
+
+    def save_then_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise Stop()
+
+    monkeypatch.setattr(ckpt.CheckpointStore, "save", save_then_stop)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path / "run")
+    monkeypatch.setattr(ckpt.CheckpointStore, "save", original)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        resumed = run(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed["resumed_from"]["generation"] == 1
+    assert any("another machine" in w and f"torch_threads {threads} -> {threads + 1}" in w for w in resumed["warnings"])
+
+
 def test_a_completed_run_removes_its_checkpoint_unless_asked_to_keep_it(tmp_path, tiny_hf_dir, data_root):
     from prunelab.runner import run
 

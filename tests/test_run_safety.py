@@ -81,8 +81,10 @@ def _wait_for(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{needle!r} never appeared in {path}")
 
 
-@pytest.mark.parametrize("logger", ["none", "wandb_offline"])
-def test_sigterm_during_evaluation_leaves_failed_json_with_the_phase(tmp_path, cache_dir, data_root, tiny_hf_dir, logger):
+@pytest.mark.parametrize("logger,signum", [("none", signal.SIGTERM), ("wandb_offline", signal.SIGTERM), ("none", signal.SIGINT)])
+def test_a_signal_during_evaluation_leaves_failed_json_with_the_phase(tmp_path, cache_dir, data_root, tiny_hf_dir, logger,
+                                                                      signum):
+    """SIGTERM (schedulers) and SIGINT (Ctrl-C) alike: failed.json names phase and signal, one line, exit 128 + N."""
     run_dir = tmp_path / "run"
     args = ["model=hf", f"model.path={tiny_hf_dir}", "eval.perplexity.seqlen=32", "eval.perplexity.max_windows=null",
             f"logger={logger}", f"hydra.run.dir={run_dir}"]
@@ -91,14 +93,17 @@ def test_sigterm_during_evaluation_leaves_failed_json_with_the_phase(tmp_path, c
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(run_dir / "cli.log", "perplexity wikitext2:", proc)  # the first window is scored
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         proc.wait(timeout=60)
+        output = proc.stdout.read()
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, "exits as a process stopped by SIGTERM would"
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, f"exits as a process stopped by {name} would"
     assert not (run_dir / "results.json").exists()
     failed = json.loads((run_dir / "failed.json").read_text())
-    assert failed["status"] == "interrupted" and failed["phase"] == "perplexity" and failed["signal"] == "SIGTERM"
+    assert failed["status"] == "interrupted" and failed["phase"] == "perplexity" and failed["signal"] == name
+    assert "Traceback" not in output and f"stopped by {name}" in output
 
 
 def test_sigterm_during_a_conversion_records_the_load_phase_and_leaves_no_staging(tmp_path, data_root):
@@ -139,11 +144,11 @@ main()
 
 
 def test_sigterm_inside_the_guard_raises_run_interrupted():
-    from prunelab.interrupt import RunInterrupted, sigterm_interrupts
+    from prunelab.interrupt import RunInterrupted, signal_interrupts
 
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted, match="SIGTERM"):
-        with sigterm_interrupts():
+        with signal_interrupts():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is previous

@@ -132,3 +132,56 @@ def test_a_norm_outside_the_targets_changes_the_key(tmp_path):
         changed.model.layers[0].input_layernorm.weight.mul_(2.0)
     _, second = _prune(changed, "wanda", ids, 0.5, tmp_path)
     assert second.stats_cache["hit"] is False and second.stats_cache["key"] != first.stats_cache["key"]
+
+
+def _unaligned_copy(tensor):
+    """``tensor``'s values in memory that starts 4 bytes past a 64-byte boundary, as a safetensors view may."""
+    flat = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    view = flat[1:].view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % 64 != 0
+    return view
+
+
+@pytest.mark.parametrize("n", [64, 96, 192])
+def test_the_in_place_factorisation_equals_the_copying_one_on_any_buffer(n):
+    """SparseGPT's in-place solve (the Hessian's last reader) must round like the copying solve.
+
+    MKL factors an unaligned matrix by another code path; the in-place path is taken only when the
+    buffer is laid out like a fresh copy, so both give the same bits on AVX2 and AVX-512 machines.
+    """
+    from prunelab.prune.methods.sparsegpt import inverse_hessian_factor
+
+    x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(n))
+    hessian = x.t() @ x
+    reference, _ = inverse_hessian_factor(hessian.clone(), 0.01)  # the copying path
+    for buffer in (hessian.clone(), _unaligned_copy(hessian)):
+        in_place, _ = inverse_hessian_factor(buffer, 0.01, overwrite=True)
+        assert torch.equal(in_place, reference)
+
+
+def test_statistics_read_from_the_cache_are_in_aligned_memory(tmp_path):
+    from prunelab.models.adapters import get_adapter
+    from prunelab.prune.stats import HESSIAN
+    from prunelab.prune.stats_cache import StatsCache
+
+    model, ids = tiny_llama(num_hidden_layers=2), random_ids(4, 16)
+    _, report = _prune(model, "sparsegpt", ids, 0.5, tmp_path)
+    manifest = json.loads((tmp_path / "stats" / report.stats_cache["key"] / "manifest.json").read_text())
+    entry = StatsCache(tmp_path / "stats").open(manifest["parts"], 2)
+    for layer in (0, 1):
+        stats = entry.load_layer(layer, get_adapter(model).prunable_modules(layer), frozenset({HESSIAN}), torch.device("cpu"))
+        assert all(s.hessian.is_contiguous() and s.hessian.data_ptr() % 64 == 0 for s in stats.values())
+
+
+def test_another_thread_count_is_another_machine_for_the_cache(tmp_path):
+    """A cache folder shared by machines that sum differently never serves one's sums to the other."""
+    model, ids = tiny_llama(), random_ids(4, 16)
+    _, first = _prune(model, "wanda", ids, 0.5, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        _, other = _prune(model, "wanda", ids, 0.5, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.stats_cache["hit"] is False and other.stats_cache["key"] != first.stats_cache["key"]

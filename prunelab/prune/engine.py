@@ -57,6 +57,7 @@ from prunelab.models.streaming import StreamedLayers, StreamedModel, open_stream
 from prunelab.prune import allocation as alloc
 from prunelab.prune.methods.base import InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
+from prunelab.device import arithmetic_identity
 from prunelab.prune.prepass_cache import PrepassCache, parts_digest, weights_digest
 from prunelab.prune.stats import collect_stats
 from prunelab.prune.stats_cache import StatsCache, StatsEntry
@@ -238,6 +239,9 @@ class LayerwisePruner:
                 "config": hashlib.sha256(config.to_json_string().encode()).hexdigest() if config is not None else None,
                 "attn_implementation": getattr(config, "_attn_implementation", None),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                # a cache folder shared by different machines (NFS) gives each kind its own entries:
+                # SIMD level, CPU model and threads decide the last bits of every sum
+                "machine": arithmetic_identity(self.device),
                 "batch_size": self.settings.batch_size, "device": str(self.device), "dtype": dtype,
                 "layers": self.adapter.num_layers, "targets": list(self.settings.targets), "skip": list(self.settings.skip)}
 

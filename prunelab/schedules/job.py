@@ -12,6 +12,7 @@ import torch
 
 from prunelab import steps
 from prunelab.config.schema import PrunelabConfig
+from prunelab.device import arithmetic_identity
 from prunelab.io.checkpoint import (Checkpoint, CheckpointError, CheckpointStore, load_weights, optimizer_from_tensors,
                                     optimizer_to_tensors, parameters, rng_state, set_rng_state)
 from prunelab.io.masks import apply_masks
@@ -194,7 +195,8 @@ class RunJob:
             groups[group] = None if group in self._on_disk else tensors
         data["job"] = {"reports": self.reports, "calibration": self.payload.get("calibration"),
                        "method": self._method_state(), "boundary": self._boundary,
-                       "kept": sorted(self._kept), "logger": {"id": self.logger.run_id, "step": self.logger.step}}
+                       "kept": sorted(self._kept), "logger": {"id": self.logger.run_id, "step": self.logger.step},
+                       "machine": arithmetic_identity(self.payload.get("device") or {})}
         self.store.save(data, groups)
         self._on_disk.update(self._kept)
 

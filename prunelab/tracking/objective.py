@@ -93,6 +93,37 @@ def objective(metrics: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
     return {"metric": paths[0] if len(paths) == 1 else paths, "value": value}
 
 
+class MetricError(ValueError):
+    """A metric the config asked for is missing or not a finite number: the run failed, it is not complete."""
+
+
+def check_numbers(metrics: Mapping[str, Any], cfg: Any) -> None:
+    """Refuse to call a run complete when a number it was asked for is missing, NaN or infinite.
+
+    Checked: the perplexity of every dataset of ``eval.perplexity.datasets`` (when enabled) and
+    every ``optimized_metric`` path. Raises :class:`MetricError`
+    naming the first offender; the runner then writes failed.json (with the metrics) instead of
+    results.json.
+    """
+    wanted: list[str] = []
+    if cfg.eval.perplexity.enabled:
+        wanted += [f"perplexity.{name}.ppl" for name in cfg.eval.perplexity.datasets]
+    wanted += [path for path in metric_paths(cfg) if path not in wanted]
+    for path in wanted:
+        node: Any = metrics
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            raise MetricError(f"{path} was asked for but this run produced {node!r}; no results.json is written")
+        if not math.isfinite(node):
+            hint = ""
+            if path.startswith("perplexity."):
+                record = metrics["perplexity"][path.split(".")[1]]
+                hint = (f" ({record.get('predicted_tokens')} predicted tokens, mean NLL {record.get('mean_nll')}; "
+                        "a window predicts eval.perplexity.seqlen - 1 tokens)")
+            raise MetricError(f"{path} is {node}{hint}: not a number, so the run is failed, not complete")
+
+
 def summary_entries(record: Mapping[str, Any]) -> dict[str, float]:
     """The W&B summary entries of an objective record: ``objective`` and ``objective/<path>``."""
     metric, value = record["metric"], record["value"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from prunelab.device import is_aligned
 from prunelab.prune.masks import check_nm_width, check_sparsity, freeze_scores, prune_count
 from prunelab.prune.methods.base import HESSIAN, InputStats, PruneResult, PruningMethod
 from prunelab.prune.pattern import Pattern
@@ -38,10 +39,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, overwrite: bo
     matrices, so the buffer is handed over as its transpose, which is the same matrix for the
     symmetric H and for the symmetric inverse; with a row-major ``out`` torch would factor into a
     temporary and copy back (485 MB more at in=11008). The result is bit for bit the one of the
-    out-of-place calls, with their column-major strides.
+    out-of-place calls, with their column-major strides, on every CPU: ``hessian`` is overwritten
+    only when it is contiguous and 64-byte aligned like the copy would be (a tensor viewed from a
+    safetensors file is copied), since MKL's factorisations round differently on unaligned memory.
     """
-    if not (overwrite and hessian.dtype == torch.float32):
-        hessian = hessian.to(torch.float32).clone()
+    # The in-place path only on a buffer laid out like the copy (contiguous, 64-byte aligned): MKL
+    # may factor an unaligned matrix by another code path, which rounds differently.
+    if not (overwrite and hessian.dtype == torch.float32 and is_aligned(hessian)):
+        hessian = hessian.to(torch.float32).clone(memory_format=torch.contiguous_format)
     work = hessian.mT  # column-major view of the symmetric matrix
     diag = torch.diagonal(work)
     dead = diag == 0
