@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per round")
     parser.add_argument("--grad-accum", type=int, default=2,
-                        help="windows per optimizer step (conf/finetune/masked.yaml: 2 x 512 tokens)")
+                        help="windows per optimizer step (prunelab/conf/finetune/masked.yaml: 2 x 512 tokens)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per round left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per mode, alternating")
     parser.add_argument("--threads", type=int, default=None)
@@ -88,7 +88,7 @@ def main() -> None:
     from prunelab.models.loading import load_model
     from prunelab.train.data import pack_windows
 
-    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
+    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "prunelab" / "conf" / "model" / "smollm2-135m.yaml"))
     cache_dir = os.environ.get("PRUNELAB_CACHE", str(Path.home() / ".cache" / "prunelab"))
     model, tokenizer = load_model(model_cfg, "cpu", cache_dir)
     masks = magnitude_masks(model, 0.5)

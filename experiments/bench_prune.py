@@ -55,7 +55,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict
         from prunelab.data.calibration import get_calibration
         from prunelab.models.loading import load_model
 
-        model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
+        model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "prunelab" / "conf" / "model" / "smollm2-135m.yaml"))
         if args.dtype:
             model_cfg["dtype"] = args.dtype
         model, tokenizer = load_model(model_cfg, "cpu", args.cache_dir)

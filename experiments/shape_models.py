@@ -53,7 +53,7 @@ def tokenizer_folder(cache_dir: str) -> Path:
 
     from prunelab.models.loading import prepare_gguf_model
 
-    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
+    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "prunelab" / "conf" / "model" / "smollm2-135m.yaml"))
     return prepare_gguf_model(model_cfg, cache_dir).folder
 
 

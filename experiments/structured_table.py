@@ -104,7 +104,7 @@ def _load(name: str) -> tuple[Any, Any]:
     from prunelab.models.loading import load_model
 
     if name == "dense":
-        model_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "smollm2-135m.yaml")
+        model_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "prunelab" / "conf" / "model" / "smollm2-135m.yaml")
         return load_model(model_cfg, "cpu", os.environ.get("PRUNELAB_CACHE", "~/.cache/prunelab"))
     folder = _out() / name / "model"
     if not folder.is_dir():

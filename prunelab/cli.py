@@ -29,8 +29,8 @@ from prunelab.interrupt import RunInterrupted, signal_interrupts
 
 log = logging.getLogger("prunelab")
 
-# conf/ sits beside the package in the checkout (installs are editable: `pip install -e .`).
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# the Hydra configs: prunelab/conf/, package data of the wheel
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (wheel installs too)
 
 register()
 

@@ -9,7 +9,7 @@ override parser, and launches the union in order with duplicates dropped. Job nu
 The sweeper class lives in ``hydra_plugins/prunelab_sweeper`` (Hydra instantiates sweepers from that
 namespace only); what it plans is decided here.
 
-The experiment presets (``conf/experiment/*-table.yaml``) use it; ``prunelab.report.grid`` expands a
+The experiment presets (``prunelab/conf/experiment/*-table.yaml``) use it; ``prunelab.report.grid`` expands a
 sweep's ``multirun.yaml`` with the same :func:`expand` to find jobs that were never launched.
 """
 

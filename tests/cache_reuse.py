@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prunelab.models.loading import ModelLoadError, cache_folder, verify_manifest
 
-USER_CACHE = Path(os.environ.get("HOME", "~")).expanduser() / ".cache" / "prunelab"  # conf/config.yaml's default
+USER_CACHE = Path(os.environ.get("HOME", "~")).expanduser() / ".cache" / "prunelab"  # prunelab/conf/config.yaml's default
 
 
 def link_user_model_cache(test_cache: Path, user_cache: Path, model_cfg: dict) -> Path | None:

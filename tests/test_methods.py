@@ -13,7 +13,7 @@ from prunelab.prune.methods import METHODS, build_method
 from prunelab.prune.methods.base import HESSIAN, SQ_NORM, InputStats
 from prunelab.prune.pattern import Pattern
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = Path(__file__).resolve().parents[1] / "prunelab" / "conf" / "method"
 UNSTRUCTURED = Pattern()
 
 

@@ -1,4 +1,4 @@
-"""Paper-table presets (``conf/experiment/*-table.yaml``) and the union-of-grids sweeper they use."""
+"""Paper-table presets (``prunelab/conf/experiment/*-table.yaml``) and the union-of-grids sweeper they use."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from prunelab.config.schema import validate
 from prunelab.sweeper import expand
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*-table.yaml"))
+PRESETS = sorted(p.stem for p in (REPO / "prunelab" / "conf" / "experiment").glob("*-table.yaml"))
 
 
 def _compose(*overrides: str, hydra: bool = False):
@@ -105,11 +105,11 @@ def test_a_grids_sweep_runs_the_union_in_order_and_the_report_finds_every_planne
     assert report["runs"] == 4 and report["never_launched"] == [] and report["incomplete"] == []
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "prunelab" / "conf" / "experiment").glob("*.yaml")))
 def test_a_presets_own_values_win_over_the_main_config_and_the_command_line_over_both(preset):
     import yaml
 
-    own = yaml.safe_load((REPO / "conf" / "experiment" / f"{preset}.yaml").read_text())
+    own = yaml.safe_load((REPO / "prunelab" / "conf" / "experiment" / f"{preset}.yaml").read_text())
     cfg = _compose(f"experiment={preset}", hydra=True)
     for key, value in own.items():
         if key in ("defaults", "hydra") or isinstance(value, dict):

@@ -55,7 +55,7 @@ def _render(spec: dict, assignment: dict) -> list[str]:
 
 def test_there_are_sweep_specs_and_none_lives_in_conf():
     assert len(SPECS) >= 3
-    assert not list((REPO / "conf").rglob("*sweep*.yaml"))
+    assert not list((REPO / "prunelab" / "conf").rglob("*sweep*.yaml"))
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)

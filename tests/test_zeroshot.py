@@ -382,7 +382,7 @@ def test_default_model_reads_lambada(tmp_path_factory):
     loading = pytest.importorskip("prunelab.models.loading")
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / "smollm2-135m.yaml"
+    conf = Path(__file__).resolve().parents[1] / "prunelab" / "conf" / "model" / "smollm2-135m.yaml"
     cache = os.environ.get("PRUNELAB_CACHE", os.path.expanduser("~/.cache/prunelab"))
     model, tok = loading.load_model(OmegaConf.load(conf), "cpu", cache)
     out = run_zeroshot(model, tok, {"tasks": ["lambada_openai"], "limit": 30}, "cpu")

@@ -39,7 +39,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = MISSING  # dense | magnitude | wanda | sparsegpt | random
-    params: dict[str, Any] = field(default_factory=dict)  # method-specific knobs (see conf/method/*.yaml)
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific knobs (see prunelab/conf/method/*.yaml)
 
 
 @dataclass
@@ -238,12 +238,12 @@ KNOWN_LOGGERS = ("wandb", "none")
 KNOWN_WANDB_MODES = ("offline", "online", "disabled")
 KNOWN_MODEL_SOURCES = ("hf", "gguf_package")
 KNOWN_SIZE_DISK_MODES = ("compute", "write")
-DEFAULT_SPARSITY = 0.5  # conf/config.yaml's sparsity, composed into every run (also dense and structured ones)
+DEFAULT_SPARSITY = 0.5  # prunelab/conf/config.yaml's sparsity, composed into every run (also dense and structured ones)
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit int64 (what torch and the records keep)
 
 
 def register() -> None:
-    """Register the schema so ``conf/config.yaml`` is type-checked by Hydra.
+    """Register the schema so ``prunelab/conf/config.yaml`` is type-checked by Hydra.
 
     ``allocation.layers`` is left open (not struct) so a whole mapping can be given on the command
     line, ``allocation.layers={0-5:0.3,6-29:0.6}``: Hydra merges a dict override into the existing

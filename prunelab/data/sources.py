@@ -16,6 +16,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ def _bad_file(path: Path, problem: str) -> DataUnavailableError:
     return DataUnavailableError(f"{_absolute(path)} {problem}; {_FIX_HINT}")
 
 
-def _is_text_type(dtype: "pyarrow.DataType") -> bool:
+def _is_text_type(dtype: "pa.DataType") -> bool:
     """Arrow string types (plain, large, view, or dictionary-encoded strings)."""
     import pyarrow as pa
 

@@ -266,7 +266,7 @@ def load_model(
 
     Args:
         model_cfg: the ``model`` block (``ModelConfig``, or a mapping of its fields such as a
-            ``conf/model/*.yaml`` node: name, source, path, package, gguf_file, sha256, dtype, ...).
+            ``prunelab/conf/model/*.yaml`` node: name, source, path, package, gguf_file, sha256, dtype, ...).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cache_dir: where converted models are kept.
     """

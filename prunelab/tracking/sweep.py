@@ -1,6 +1,6 @@
 """The end of a Hydra multirun: which jobs completed and which did not, and a non-zero exit if any failed.
 
-Registered as a Hydra callback in ``conf/config.yaml``. It reads the job folders under the sweep
+Registered as a Hydra callback in ``prunelab/conf/config.yaml``. It reads the job folders under the sweep
 folder with the report's own reader (``prunelab.report.collect_runs``), so it works for every
 launcher, also when jobs ran in other processes or on other machines: each job that did not complete
 is logged with its overrides and the phase and error from its ``failed.json``. Only the jobs of the
