@@ -42,7 +42,7 @@ def cache_dir(tmp_path_factory, default_model_cfg) -> Path:
 def default_model_cfg() -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"))
+    return OmegaConf.to_container(OmegaConf.load(REPO / "prunelab" / "conf" / "model" / "smollm2-135m.yaml"))
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +92,49 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+# ------------------------------------------------------------------------------------------ test tiers
+# Plain `python -m pytest -q` runs the unit tier: tensor math, configs, files, tiny models built in the
+# test. A test is put in the integration tier (run with `-m integration`, or everything with
+# `-m "integration or not integration"` as .ci/run does) when it needs the real default model (its
+# tokenizer too: the tiny HF folder carries it), runs the CLI in a subprocess, or is marked slow.
+REAL_MODEL_FIXTURES = {"default_model_dir", "default_tokenizer", "tiny_hf_dir", "cache_dir"}
+SUBPROCESS_CALLS = ("subprocess.", "run_cli(", "_cli(", "Popen(")
+
+
+def _fixture_closure(item: pytest.Item, names: set[str]) -> set[str]:
+    """``names`` and every fixture they request, as pytest resolves them for ``item``."""
+    manager, seen, todo = item.session._fixturemanager, set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for definition in manager.getfixturedefs(name, item) or ():
+            todo.extend(definition.argnames)
+    return seen
+
+
+def _needs_integration(item: pytest.Item) -> bool:
+    import inspect
+
+    requested = set(getattr(item, "fixturenames", ()))
+    # fixtures a parametrized test asks for by name (request.getfixturevalue(<param>))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        requested |= _fixture_closure(item, {v for v in callspec.params.values() if isinstance(v, str)})
+    if REAL_MODEL_FIXTURES & requested or item.get_closest_marker("slow"):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in SUBPROCESS_CALLS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _needs_integration(item):
+            item.add_marker(pytest.mark.integration)

@@ -362,7 +362,8 @@ def test_help_says_what_prunelab_is(tmp_path, cache_dir, data_root):
 # ------------------------------------------------------------------------------------ README (item 11)
 
 def readme_commands() -> list[list[str]]:
-    """Every ``python -m prunelab`` command in the README's bash blocks, split as the shell would."""
+    """Every prunelab command in the README's bash blocks, split as the shell would: ``python -m prunelab``,
+    the ``prunelab`` console script and ``make run ARGS="..."``."""
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -371,6 +372,10 @@ def readme_commands() -> list[list[str]]:
             line = line.split("  #")[0].strip()
             if line.startswith("python -m prunelab ") or line == "python -m prunelab":
                 commands.append(shlex.split(line)[3:])
+            elif line.startswith("prunelab "):
+                commands.append(shlex.split(line)[1:])
+            elif line.startswith("make run ARGS="):
+                commands.append(shlex.split(shlex.split(line)[2].removeprefix("ARGS="))[0:])
     return commands
 
 
