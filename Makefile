@@ -43,5 +43,5 @@ lint: setup
 # every tier, then the bit-for-bit files again on PyTorch's AVX2 kernels (see .ci/run)
 test-all: lint
 	$(PY) -m pytest -q -m "integration or not integration" $(PYTEST_ARGS)
-	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q -p no:cacheprovider \
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q -p no:cacheprovider -m "integration or not integration" \
 	    tests/test_stats_cache.py tests/test_prepass_cache.py tests/test_streaming.py tests/test_resume.py
