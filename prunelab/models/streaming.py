@@ -38,6 +38,7 @@ from torch import nn
 from prunelab.config.schema import ModelConfig
 from prunelab.io.checksums import seal, seal_problem
 from prunelab.io.shards import ShardReader, ShardWriter, sha256_file
+from prunelab.io.staging import replacing, write_new
 from prunelab.models.adapters import DecoderAdapter, get_adapter
 
 log = logging.getLogger(__name__)
@@ -348,9 +349,9 @@ class StreamedLayers:
 
     def _save_progress(self) -> None:
         path = self.out / PROGRESS
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(seal(self._progress)))
-        partial.replace(path)
+        # as every file of a run folder: umask permissions, never written through a planted link
+        with replacing(path, path.with_name(path.name + ".partial")) as partial:
+            write_new(partial, json.dumps(seal(self._progress)))
 
     def _tally(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for value in tensors.values():
