@@ -42,7 +42,7 @@ from prunelab.eval.size import count_parameters, prunable_linears
 from prunelab.models.loading import ModelLoadError, resolve_device
 from prunelab.prune.masks import nm_mask
 from prunelab.prune.pattern import Pattern
-from prunelab.tracking.results import device_info
+from prunelab.device import device_info
 
 log = logging.getLogger("bench_latency")
 

@@ -118,7 +118,7 @@ def latency(names: list[str], compile: bool, repeats: int, note: str) -> None:
     import transformers
 
     from prunelab.eval.latency import measure_latency
-    from prunelab.tracking.results import device_info
+    from prunelab.device import device_info
     from prunelab.eval.size import flops_per_token
 
     cfg = SimpleNamespace(batch_size=1, prefill_lengths=[128, 512], decode_tokens=32, warmup=2, repeats=repeats,

@@ -26,13 +26,13 @@ from prunelab import steps
 from prunelab.config.schema import ConfigError, PrunelabConfig, unapplied_warnings, validate, validate_for_model
 from prunelab.config.typed import run_config
 from prunelab.data import sources
-from prunelab.device import arithmetic_identity
+from prunelab.device import arithmetic_identity, device_info
 from prunelab.models.facts import ModelFacts, facts_of, read_model_facts
 from prunelab.models.loading import gguf_path
 from prunelab.prune.pattern import Pattern
 from prunelab.tracking.objective import check_numbers, metric_paths, objective, summary_entries
 from prunelab.tracking.files import SKIPPED_FILE
-from prunelab.tracking.results import (ForeignResults, completed_before, config_fingerprint, device_info, git_state, package_versions,
+from prunelab.tracking.results import (ForeignResults, completed_before, config_fingerprint, git_state, package_versions,
                                         write_failure, write_results, write_skipped)
 from prunelab.tracking.wandb_logger import WandbLogger
 

@@ -35,7 +35,7 @@ from torch.utils import benchmark
 from torch.utils.benchmark.utils.timer import timer as clock
 
 from prunelab.progress import progress
-from prunelab.tracking.results import device_info
+from prunelab.device import device_info
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from prunelab.device import cpu_name, device_info  # noqa: F401  (re-exported: results.json's device record)
 from prunelab.io.checksums import CHECKSUMS, seal, seal_problem
-from prunelab.io.staging import current_umask, new_file_mode  # noqa: F401 (current_umask: imported from here too)
+from prunelab.io.staging import new_file_mode
 from prunelab.tracking.files import COMPLETE, FAILED_FILE, RESULTS_FILE, SKIPPED_FILE
 
 log = logging.getLogger(__name__)
